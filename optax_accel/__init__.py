@@ -1,0 +1,18 @@
+"""optax_accel: accelerated-SGD family, Schedule-Free, AdEMAMix, MARS, Adaptive Memory momentum and
+MADA as composable optax transformations. See README.md and shared/API.md for the contract."""
+from optax_accel._common import get_diagnostics
+from optax_accel.accelerated import (
+    AcceleratedMomentumState, accelerated_sgd, accsgd, agnes, canonical_coefficients, mass_sgd,
+    scale_by_accelerated_momentum)
+from optax_accel.ademamix import (
+    ScaleByAdEMAMixState, ScaleBySimplifiedAdEMAMixState, ademamix, alpha_warmup_schedule,
+    beta_warmup_schedule, scale_by_ademamix, scale_by_simplified_ademamix, simplified_ademamix)
+from optax_accel.mars import (
+    ScaleByMarsState, lion, mars_adamw, mars_lion, scale_by_lion, scale_by_mars)
+from optax_accel.registry import (
+    get_optimizer, list_optimizers, register, state_dtype_argument)
+from optax_accel.schedule_free import (
+    ScheduleFreeState, schedule_free_ademamix, schedule_free_adamw, schedule_free_eval_params,
+    schedule_free_sgd, schedule_free_wrapper)
+
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""Shared helpers: hyperparameter validation, schedules, dtype-stable moments, diagnostics.
+
+Every transform in optax_accel uses these, so that validation messages, schedule indexing and
+state dtypes behave the same way everywhere.
+
+Schedule convention: a ``ScalarOrSchedule`` coefficient is called with the 0-based count of
+updates already applied (optax's convention), i.e. step t = 1, 2, ... uses ``schedule(t - 1)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (at construction time; traced values and schedules are not checked).
+
+
+def _concrete_float(value: Any) -> float | None:
+  """The value as a Python float, or None if it is a schedule, a tracer or not a scalar."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    arr = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number):
+    return None
+  return float(arr)
+
+
+def all_concrete(*values: Any) -> bool:
+  """True when every value is a concrete scalar (not a schedule or a traced array)."""
+  return all(_concrete_float(v) is not None for v in values)
+
+
+def check_range(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+  """Raise ValueError naming ``name`` unless ``value`` is finite and inside the interval.
+
+  Schedules and traced values are accepted unchecked (they are only known at run time).
+  """
+  v = _concrete_float(value)
+  if v is None:
+    return
+  left = "(" if lo_open else "["
+  right = ")" if hi_open else "]"
+  interval = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+  ok = math.isfinite(v)
+  if ok and lo is not None:
+    ok = v > lo if lo_open else v >= lo
+  if ok and hi is not None:
+    ok = v < hi if hi_open else v <= hi
+  if not ok:
+    raise ValueError(f"`{name}` must be finite and in {interval}, got {value!r}.")
+
+
+def check_beta(name: str, value: Any) -> None:
+  """A decay rate: in [0, 1)."""
+  check_range(name, value, 0.0, 1.0, hi_open=True)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  check_range(name, value, 0.0)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def check_steps(name: str, value: Any, *, allow_none: bool = True) -> None:
+  """A step count: a non-negative Python int (or None when allowed)."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+
+
+def is_static_zero(value: Any) -> bool:
+  """True only for a Python/NumPy scalar equal to 0.
+
+  JAX arrays (e.g. hyperparameters injected by ``optax.inject_hyperparams``) are treated as
+  dynamic, so that ``init`` and a traced ``update`` always agree on the state structure.
+  """
+  if isinstance(value, (jax.Array, jax.core.Tracer)) or callable(value):
+    return False
+  return _concrete_float(value) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules.
+
+
+def at(value: Any, count: jax.Array) -> Any:
+  """Evaluates a ``ScalarOrSchedule`` at the 0-based ``count``."""
+  return value(count) if callable(value) else value
+
+
+def scaled(value: Any, factor: Any) -> Any:
+  """``value * factor`` for a scalar or a schedule (the result is a scalar or a schedule)."""
+  if callable(value):
+    return lambda count: value(count) * factor
+  return value * factor
+
+
+# ----------------------------------------------------------------------------------------------
+# State helpers.
+
+
+def zeros(params: Any, dtype: Any = None) -> Any:
+  """Zeros like ``params``; with ``dtype`` given, that dtype. Works on ShapeDtypeStruct."""
+  return optax.tree.zeros_like(params, dtype=dtype)
+
+
+def cast_like(new: Any, old: Any) -> Any:
+  """Casts each leaf of ``new`` to the dtype of the matching leaf of ``old`` (dtype-stable state)."""
+  return jax.tree.map(lambda n, o: n.astype(o.dtype) if n is not None else None, new, old)
+
+
+def count_init() -> jax.Array:
+  return jnp.zeros([], jnp.int32)
+
+
+def scalar(value: Any, dtype: Any = jnp.float32) -> jax.Array:
+  return jnp.asarray(value, dtype=dtype)
+
+
+def tree_vdot(a: Any, b: Any) -> jax.Array:
+  """Real inner product over a whole pytree, accumulated in float32 or wider."""
+  leaves = [jnp.sum((x * y).astype(jnp.promote_types(x.dtype, jnp.float32)))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return sum(leaves, jnp.zeros([], jnp.float32)) if leaves else jnp.zeros([], jnp.float32)
+
+
+def leaf_vdot(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.sum((x * y).astype(jnp.promote_types(x.dtype, jnp.float32)))
+
+
+def with_extra_args(init_fn: Callable, update_fn: Callable
+                    ) -> optax.GradientTransformationExtraArgs:
+  """Wraps an ``update(updates, state, params)`` so that extra keyword args are ignored."""
+
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    return update_fn(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics.
+
+
+def named_scalars(prefix: str, tree: Any) -> dict[str, jax.Array]:
+  """Flattens a pytree of scalars into {"prefix/path": value}; a bare scalar gives {prefix: v}."""
+  if isinstance(tree, (jax.Array, np.ndarray, float, int)):
+    return {prefix: jnp.asarray(tree)}
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    out[f"{prefix}/{jax.tree_util.keystr(path, simple=True, separator='/')}"] = leaf
+  return out
+
+
+def get_diagnostics(state: Any) -> dict[str, jax.Array]:
+  """The interpretable scalars of every optax_accel state found anywhere inside ``state``.
+
+  Walks nested ``chain`` tuples, ``inject_hyperparams``, ``masked``, ``MultiSteps`` and our own
+  wrapper states. Each of our states contributes through its ``diagnostics()`` method (current
+  momentum coefficient, averaging weight, learned coefficients, ...); the scalar hyperparameters
+  of an ``inject_hyperparams`` state are included under their own names (e.g. "learning_rate").
+  A name met twice gets a numeric suffix ("b1", "b1_1", ...).
+  """
+  out: dict[str, jax.Array] = {}
+
+  def add(name, value):
+    key, i = name, 1
+    while key in out:
+      key, i = f"{name}_{i}", i + 1
+    out[key] = value
+
+  def visit(node):
+    diag = getattr(node, "diagnostics", None)
+    if callable(diag) and isinstance(node, tuple):
+      for k, v in diag().items():
+        add(k, v)
+    if isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+      for k, v in node.hyperparams.items():
+        if jnp.ndim(v) == 0:
+          add(k, v)
+    if isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+    elif isinstance(node, dict):
+      for child in node.values():
+        visit(child)
+
+  visit(state)
+  return out
+
+
+def find_states(state: Any, cls: type) -> list:
+  """All sub-states of type ``cls`` inside nested tuples/lists/dicts (chain, inject, masked...)."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, cls):
+      found.append(node)
+      return
+    if isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+    elif isinstance(node, dict):
+      for child in node.values():
+        visit(child)
+
+  visit(state)
+  return found

@@ -1,0 +1,159 @@
+"""MARS-approx (Yuan, Liu, Wu, Zhou, Gu, ICML 2025, arXiv:2411.10438; AGI-Arena/MARS) and Lion.
+
+MARS-approx, with g_0 = 0 and the previous step's gradient in place of a second evaluation:
+
+    c_t  = g_t + gamma * b1/(1-b1) * (g_t - g_{t-1})
+    ct_t = clip(c_t)              # c * min(1, clip_threshold/||c||): per tensor (official),
+                                  # over the whole tree ("global", levanter/optax PRs) or "none"
+    m_t  = b1 m_{t-1} + (1-b1) ct_t
+    adamw: v_t = b2 v_{t-1} + (1-b2) ct_t^2   (v from the clipped c, as the official code)
+           direction = (m_t/(1-b1^t)) / (sqrt(v_t/(1-b2^t)) + eps)
+    lion:  direction = sign(m_t)
+
+Without clipping m_t = gamma g_t + (1-gamma) EMA_b1(g)_t: accelerated SGD with a = gamma,
+b = (1-gamma)(1-b1) (Morwani et al. 2025). Lion is optax's (``optax.lion``/``scale_by_lion``).
+The official code routes 1-D parameters to plain AdamW by default; do that with
+``optax.multi_transform`` if wanted (not done here).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_accel import _common as C
+
+lion = optax.lion
+scale_by_lion = optax.scale_by_lion
+
+_VARIANTS = ("adamw", "lion")
+_CLIP_SCOPES = ("tensor", "global", "none")
+
+
+class ScaleByMarsState(NamedTuple):
+  """State of ``scale_by_mars``; ``nu`` is ``None`` for the Lion variant."""
+  count: jax.Array
+  correction_norm: jax.Array  # global norm of c_t before clipping (for logging)
+  mu: optax.Updates
+  nu: Optional[optax.Updates]
+  prev_grad: optax.Updates
+
+  def diagnostics(self) -> dict[str, jax.Array]:
+    return {"mars_correction_norm": self.correction_norm}
+
+
+def _clip(tree, threshold, scope):
+  if scope == "none":
+    return tree
+  if scope == "global":
+    norm = optax.tree.norm(tree)
+    factor = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1.0)
+    return jax.tree.map(lambda c: c * factor.astype(c.dtype), tree)
+
+  def per_tensor(c):
+    norm = jnp.sqrt(C.leaf_vdot(c, c))
+    return c * jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1.0)
+
+  return jax.tree.map(per_tensor, tree)
+
+
+def scale_by_mars(
+    b1: float = 0.95,
+    b2: float = 0.99,
+    gamma: float = 0.025,
+    eps: float = 1e-8,
+    *,
+    variant: str = "adamw",
+    clip_threshold: float = 1.0,
+    clip_scope: str = "tensor",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MARS-approx direction (module docstring). ``mu_dtype`` sets m, v and the stored g_{t-1}."""
+  C.check_beta("b1", b1)
+  C.check_beta("b2", b2)
+  C.check_range("gamma", gamma, 0.0, 1.0)
+  C.check_nonnegative("eps", eps)
+  C.check_choice("variant", variant, _VARIANTS)
+  C.check_choice("clip_scope", clip_scope, _CLIP_SCOPES)
+  C.check_range("clip_threshold", clip_threshold, 0.0, lo_open=True)
+  use_nu = variant == "adamw"
+
+  def init_fn(params):
+    return ScaleByMarsState(
+        count=C.count_init(), correction_norm=C.scalar(0.0), mu=C.zeros(params, mu_dtype),
+        nu=C.zeros(params, mu_dtype) if use_nu else None, prev_grad=C.zeros(params, mu_dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    scale = gamma * b1 / (1 - b1)
+    correction = jax.tree.map(lambda g, gp: g + scale * (g - gp), updates, state.prev_grad)
+    clipped = _clip(correction, clip_threshold, clip_scope)
+    count = optax.safe_increment(state.count)
+    mu = optax.tree.update_moment(clipped, state.mu, b1, 1)
+    if use_nu:
+      nu = optax.tree.update_moment_per_elem_norm(clipped, state.nu, b2, 2)
+      mu_hat = optax.tree.bias_correction(mu, b1, count)
+      nu_hat = optax.tree.bias_correction(nu, b2, count)
+      direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    else:
+      nu = None
+      direction = jax.tree.map(jnp.sign, mu)
+    direction = C.cast_like(direction, updates)
+    return direction, ScaleByMarsState(
+        count=count, correction_norm=C.scalar(optax.tree.norm(correction)),
+        mu=C.cast_like(mu, state.mu), nu=C.cast_like(nu, state.nu) if use_nu else None,
+        prev_grad=C.cast_like(updates, state.prev_grad))
+
+  return C.with_extra_args(init_fn, update_fn)
+
+
+def _mars(learning_rate, b1, b2, gamma, eps, weight_decay, mask, **scale_kwargs):
+  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_nonnegative("weight_decay", weight_decay)
+  return optax.chain(
+      scale_by_mars(b1, b2, gamma, eps, **scale_kwargs),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def mars_adamw(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    gamma: float = 0.025,
+    eps: float = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    *,
+    clip_threshold: float = 1.0,
+    clip_scope: str = "tensor",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MARS-AdamW (official defaults); weight decay lr-coupled as the official code.
+
+  The keyword-only arguments are ``scale_by_mars``'s (explicit rather than ``**kw`` so that the
+  alias works under ``optax.inject_hyperparams``).
+  """
+  return _mars(learning_rate, b1, b2, gamma, eps, weight_decay, mask, variant="adamw",
+               clip_threshold=clip_threshold, clip_scope=clip_scope, mu_dtype=mu_dtype)
+
+
+def mars_lion(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.99,
+    gamma: float = 0.025,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    *,
+    clip_threshold: float = 1.0,
+    clip_scope: str = "tensor",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MARS-Lion: sign of the MARS first moment. ``b2`` is validated but unused (the official
+  MARS-Lion update has no second moment); kept for a signature parallel to ``mars_adamw``."""
+  return _mars(learning_rate, b1, b2, gamma, 0.0, weight_decay, mask, variant="lion",
+               clip_threshold=clip_threshold, clip_scope=clip_scope, mu_dtype=mu_dtype)

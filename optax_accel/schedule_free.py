@@ -1,0 +1,238 @@
+"""Schedule-Free as a wrapper: accelerated SGD at the gradient point y plus weight averaging.
+
+Defazio et al., "The Road Less Scheduled" (NeurIPS 2024, arXiv:2405.15682); reference code
+facebookresearch/schedule_free. For steps t = 1, 2, ... with base direction u_t (computed at y_t),
+learning rate gamma_t, interpolation b1 and z_1 = x_1 = y_1 = w_0:
+
+    z_{t+1} = z_t - gamma_t u_t
+    x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1}
+    y_{t+1} = (1 - b1) z_{t+1} + b1 x_{t+1}
+    c_{t+1} = w_t / sum_{i<=t} w_i,   w_t = t^r * (max_{i<=t} gamma_i)^weight_lr_power
+
+Morwani et al. (arXiv:2502.02431) show this is accelerated SGD at y followed by averaging
+(spec/accelerated_sgd.md §2; tested as an identity in float64):
+
+    M_t = (1 - c_t) M_{t-1} + gamma_t u_t,   y_{t+1} = y_t - (1-b1) gamma_t u_t - b1 c_{t+1} M_t
+    x_{t+1} = (1 - rho_{t+1}) x_t + rho_{t+1} y_{t+1},   rho = c / (1 - b1 + b1 c)
+
+Only z is stored (the params are y; x is recovered as (y - (1-b1) z)/b1 with the b1 applied at the
+previous step, which keeps the recursion exact when b1 is scheduled or injected).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_accel import _common as C
+from optax_accel.ademamix import scale_by_ademamix
+
+
+class ScheduleFreeState(NamedTuple):
+  """State of ``schedule_free_wrapper``."""
+  count: jax.Array  # int32, number of updates applied
+  b1: jax.Array  # interpolation coefficient applied at the last step (used by eval params)
+  learning_rate: jax.Array  # gamma_t of the last step
+  max_lr: jax.Array  # running max of gamma
+  weight_sum: jax.Array  # sum of averaging weights w_i
+  averaging_weight: jax.Array  # c_{t+1} of the last step
+  z: optax.Params
+  base_state: optax.OptState
+
+  def diagnostics(self) -> dict[str, jax.Array]:
+    return {"sf_averaging_weight": self.averaging_weight, "sf_b1": self.b1,
+            "sf_learning_rate": self.learning_rate}
+
+
+def _scalar_dtype(params: Any):
+  """float32, or float64 when params are float64 (so float64 identities hold to 1e-10)."""
+  leaves = [jnp.dtype(x.dtype) for x in jax.tree.leaves(params)]
+  return jnp.float64 if any(d == jnp.float64 for d in leaves) else jnp.float32
+
+
+def schedule_free_wrapper(
+    base: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    b1: optax.ScalarOrSchedule = 0.9,
+    weight_lr_power: float = 2.0,
+    r: float = 0.0,
+    *,
+    state_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Schedule-Free around a momentum-free base *direction* (e.g. ``optax.scale_by_rms``).
+
+  The returned updates are the full parameter step y_{t+1} - y_t (learning rate and sign
+  included): do not chain ``scale_by_learning_rate`` after it. Params passed to ``update`` are
+  the gradient point y; evaluate at ``schedule_free_eval_params(state, params)``.
+
+  Differences from ``optax.contrib.schedule_free`` (each fixes a defect of anchors.md §1.3):
+  ``learning_rate`` is called with the same 0-based count for the z-step and the averaging
+  weight (so a warmup's first step is not a no-op when the schedule is positive at 0); the
+  averaging weight has PyTorch's ``t**r`` factor; b1 may be scheduled or injected and the value
+  applied is stored for eval params; init works on ``jax.ShapeDtypeStruct``.
+
+  Args:
+    base: transformation producing a direction u_t (no learning rate, no sign flip, no momentum).
+    learning_rate: gamma_t (scalar or schedule of the 0-based count).
+    b1: interpolation coefficient in (0, 1) (scalar or schedule).
+    weight_lr_power: p in w_t = t^r * max_lr^p.
+    r: polynomial averaging power.
+    state_dtype: dtype of z (default: the params' dtype).
+  """
+  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_range("b1", b1, 0.0, 1.0, lo_open=True, hi_open=True)
+  C.check_nonnegative("weight_lr_power", weight_lr_power)
+  C.check_nonnegative("r", r)
+  base = optax.with_extra_args_support(base)
+
+  def init_fn(params):
+    dtype = _scalar_dtype(params)
+    zero = jnp.zeros([], dtype)
+    return ScheduleFreeState(
+        count=C.count_init(), b1=jnp.asarray(C.at(b1, C.count_init()), dtype),
+        learning_rate=zero, max_lr=zero, weight_sum=zero, averaging_weight=zero,
+        z=jax.tree.map(lambda p: jnp.array(p, dtype=state_dtype or p.dtype, copy=True)
+                       if not isinstance(p, jax.ShapeDtypeStruct)
+                       else jax.ShapeDtypeStruct(p.shape, state_dtype or p.dtype,
+                                                 sharding=p.sharding), params),
+        base_state=base.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("schedule_free_wrapper needs `params` (the gradient point y) in update.")
+    dtype = state.max_lr.dtype
+    step = (state.count + 1).astype(dtype)
+    lr = jnp.asarray(C.at(learning_rate, state.count), dtype)
+    b1_t = jnp.asarray(C.at(b1, state.count), dtype)
+    max_lr = jnp.maximum(state.max_lr, lr)
+    weight = step**r * max_lr**weight_lr_power
+    weight_sum = state.weight_sum + weight
+    ck = jnp.where(weight_sum > 0, weight / jnp.where(weight_sum > 0, weight_sum, 1), 0)
+
+    direction, base_state = base.update(updates, state.base_state, params, **extra_args)
+
+    def step_leaf(y, z, u):
+      x = (y - (1 - state.b1) * z) / state.b1
+      z_new = z - lr * u
+      x_new = (1 - ck) * x + ck * z_new
+      y_new = (1 - b1_t) * z_new + b1_t * x_new
+      return (y_new - y).astype(y.dtype), z_new.astype(z.dtype)
+
+    out = jax.tree.map(step_leaf, params, state.z, direction)
+    new_updates = jax.tree.map(lambda _, o: o[0], params, out)
+    z = jax.tree.map(lambda _, o: o[1], params, out)
+    return new_updates, ScheduleFreeState(
+        count=optax.safe_increment(state.count), b1=b1_t, learning_rate=lr, max_lr=max_lr,
+        weight_sum=weight_sum, averaging_weight=ck, z=z, base_state=base_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> optax.Params:
+  """The averaged iterate x = (y - (1 - b1) z) / b1, for evaluation and export.
+
+  Finds every ``ScheduleFreeState`` inside nested ``chain`` / ``inject_hyperparams`` / ``masked``
+  / ``multi_transform`` states and uses the b1 applied at the last step. Leaves not handled by
+  a schedule-free transform (masked out) are returned unchanged.
+
+  Raises:
+    ValueError: if ``state`` holds no schedule-free state.
+  """
+  states = C.find_states(state, ScheduleFreeState)
+  if not states:
+    raise ValueError("No ScheduleFreeState found in `state`: not a schedule-free optimizer.")
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  for sf in states:
+    params = jax.tree.map(
+        lambda z, y, b=sf.b1: y if is_masked(z) else ((y - (1 - b) * z) / b).astype(y.dtype),
+        sf.z, params, is_leaf=is_masked)
+  return params
+
+
+def _with_warmup(learning_rate: optax.ScalarOrSchedule, warmup_steps: int):
+  """PyTorch's schedule-free warmup: gamma * min(1, t / warmup_steps) at the 1-based step t."""
+  C.check_steps("warmup_steps", warmup_steps, allow_none=False)
+  if warmup_steps == 0:
+    return learning_rate
+  return lambda count: C.at(learning_rate, count) * jnp.minimum(1.0, (count + 1) / warmup_steps)
+
+
+def _decay(weight_decay, mask):
+  C.check_nonnegative("weight_decay", weight_decay)
+  return optax.identity() if C.is_static_zero(weight_decay) else optax.add_decayed_weights(
+      weight_decay, mask)
+
+
+def schedule_free_sgd(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    b1: optax.ScalarOrSchedule = 0.9,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    *,
+    mask: Any = None,
+    state_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Schedule-Free SGD: u = g + weight_decay * y (decay at y, as the reference code)."""
+  return schedule_free_wrapper(
+      _decay(weight_decay, mask), _with_warmup(learning_rate, warmup_steps), b1,
+      weight_lr_power, r, state_dtype=state_dtype)
+
+
+def schedule_free_adamw(
+    learning_rate: optax.ScalarOrSchedule = 0.0025,
+    b1: optax.ScalarOrSchedule = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    mask: Any = None,
+    *,
+    state_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Schedule-Free AdamW: u = g / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * y.
+
+  Bias correction in the denominator, as the current reference code (schedulefree >= 1.3);
+  ``state_dtype`` sets z's dtype (the second moment stays in the params' dtype, as optax's
+  ``scale_by_rms``).
+  """
+  C.check_beta("b2", b2)
+  C.check_nonnegative("eps", eps)
+  base = optax.chain(optax.scale_by_rms(b2, eps, eps_in_sqrt=False, bias_correction=True),
+                     _decay(weight_decay, mask))
+  return schedule_free_wrapper(base, _with_warmup(learning_rate, warmup_steps), b1,
+                               weight_lr_power, r, state_dtype=state_dtype)
+
+
+def schedule_free_ademamix(
+    learning_rate: optax.ScalarOrSchedule = 5e-4,
+    b1: optax.ScalarOrSchedule = 0.9,
+    b2: float = 0.999,
+    b3: optax.ScalarOrSchedule = 0.9999,
+    alpha: optax.ScalarOrSchedule = 5.0,
+    eps: float = 1e-8,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    mask: Any = None,
+    *,
+    state_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Schedule-Free around AdEMAMix with b1 = 0 (the base has no fast momentum; SF supplies it).
+
+  u = (g + alpha * m2) / (sqrt(v_hat) + eps) + weight_decay * y, m2 = EMA_b3(g), not bias
+  corrected. Requested in facebookresearch/schedule_free#46. Defaults are ours: b3 = 0.9999 and
+  alpha = 5 as AdEMAMix; learning_rate = 5e-4 so that the long-run step (1 + alpha) * lr is close to
+  SF-AdamW's default 2.5e-3. ``state_dtype`` sets the dtype of z, m2 and v.
+  """
+  base = optax.chain(
+      scale_by_ademamix(b1=0.0, b2=b2, b3=b3, alpha=alpha, eps=eps, mu_dtype=state_dtype),
+      _decay(weight_decay, mask))
+  return schedule_free_wrapper(base, _with_warmup(learning_rate, warmup_steps), b1,
+                               weight_lr_power, r, state_dtype=state_dtype)

@@ -1,0 +1,6 @@
+"""Test configuration: 8 fake CPU devices for the sharding tests (set before JAX starts)."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
