@@ -89,10 +89,10 @@ def schedule_free_wrapper(
 
   def init_fn(params):
     dtype = _scalar_dtype(params)
-    zero = jnp.zeros([], dtype)
+    zero = lambda: jnp.zeros([], dtype)  # distinct buffers, so the state can be donated  # noqa
     return ScheduleFreeState(
         count=C.count_init(), b1=jnp.asarray(C.at(b1, C.count_init()), dtype),
-        learning_rate=zero, max_lr=zero, weight_sum=zero, averaging_weight=zero,
+        learning_rate=zero(), max_lr=zero(), weight_sum=zero(), averaging_weight=zero(),
         z=jax.tree.map(lambda p: jnp.array(p, dtype=state_dtype or p.dtype, copy=True)
                        if not isinstance(p, jax.ShapeDtypeStruct)
                        else jax.ShapeDtypeStruct(p.shape, state_dtype or p.dtype,
@@ -156,7 +156,11 @@ def _with_warmup(learning_rate: optax.ScalarOrSchedule, warmup_steps: int):
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
   if warmup_steps == 0:
     return learning_rate
-  return lambda count: C.at(learning_rate, count) * jnp.minimum(1.0, (count + 1) / warmup_steps)
+  def schedule(count):
+    step = jnp.asarray(count, jnp.result_type(float)) + 1  # float64 when x64 is enabled
+    return C.at(learning_rate, count) * jnp.minimum(1.0, step / warmup_steps)
+
+  return schedule
 
 
 def _decay(weight_decay, mask):
