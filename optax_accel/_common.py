@@ -103,6 +103,20 @@ def at(value: Any, count: jax.Array) -> Any:
   return value(count) if callable(value) else value
 
 
+def as_float(count: jax.Array) -> jax.Array:
+  """A step count as a float of the default precision (float64 when x64 is enabled).
+
+  JAX computes ``int32 / int`` in float32 even under x64; schedules that must be exact in float64
+  convert the count first.
+  """
+  return jnp.asarray(count, jnp.result_type(float))
+
+
+def warmup_fraction(count: jax.Array, warmup_steps: int) -> jax.Array:
+  """min(count / warmup_steps, 1) in the default float precision (1 when warmup_steps == 0)."""
+  return jnp.minimum(as_float(count) / max(warmup_steps, 1), 1.0)
+
+
 def scaled(value: Any, factor: Any) -> Any:
   """``value * factor`` for a scalar or a schedule (the result is a scalar or a schedule)."""
   if callable(value):
@@ -128,8 +142,9 @@ def count_init() -> jax.Array:
   return jnp.zeros([], jnp.int32)
 
 
-def scalar(value: Any, dtype: Any = jnp.float32) -> jax.Array:
-  return jnp.asarray(value, dtype=dtype)
+def scalar(value: Any, dtype: Any = None) -> jax.Array:
+  """A scalar state entry; by default of the default float precision (float64 under x64)."""
+  return jnp.asarray(value, dtype=dtype or jnp.result_type(float))
 
 
 def tree_vdot(a: Any, b: Any) -> jax.Array:

@@ -21,6 +21,7 @@ The half-life scheduler uses ln(beta) exactly (PyTorch adds 1e-8 inside the log)
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -39,7 +40,7 @@ def alpha_warmup_schedule(alpha: float, warmup_steps: int, alpha_start: float = 
   C.check_nonnegative("alpha", alpha)
   C.check_nonnegative("alpha_start", alpha_start)
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
-  return optax.linear_schedule(alpha_start, alpha, max(warmup_steps, 1))
+  return lambda count: alpha_start + (alpha - alpha_start) * C.warmup_fraction(count, warmup_steps)
 
 
 def beta_warmup_schedule(beta_end: float, warmup_steps: int, beta_start: float) -> optax.Schedule:
@@ -53,10 +54,10 @@ def beta_warmup_schedule(beta_end: float, warmup_steps: int, beta_start: float) 
   C.check_range("beta_end", beta_end, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_range("beta_start", beta_start, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
-  log_start, log_end = jnp.log(beta_start), jnp.log(beta_end)
+  log_start, log_end = math.log(beta_start), math.log(beta_end)
 
   def schedule(count):
-    a = jnp.minimum(jnp.asarray(count, log_end.dtype) / max(warmup_steps, 1), 1.0)
+    a = C.warmup_fraction(count, warmup_steps)
     beta = jnp.exp(log_start * log_end / ((1 - a) * log_end + a * log_start))
     return jnp.where(a >= 1.0, beta_end, beta)
 

@@ -156,11 +156,7 @@ def _with_warmup(learning_rate: optax.ScalarOrSchedule, warmup_steps: int):
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
   if warmup_steps == 0:
     return learning_rate
-  def schedule(count):
-    step = jnp.asarray(count, jnp.result_type(float)) + 1  # float64 when x64 is enabled
-    return C.at(learning_rate, count) * jnp.minimum(1.0, step / warmup_steps)
-
-  return schedule
+  return lambda count: C.at(learning_rate, count) * C.warmup_fraction(count + 1, warmup_steps)
 
 
 def _decay(weight_decay, mask):
