@@ -35,7 +35,7 @@ _CLIP_SCOPES = ("tensor", "global", "none")
 class ScaleByMarsState(NamedTuple):
   """State of ``scale_by_mars``; ``nu`` is ``None`` for the Lion variant."""
   count: jax.Array
-  correction_norm: jax.Array  # global norm of c_t before clipping (for logging)
+  correction_norm: jax.Array  # global norm of c_t before clipping (0 if clip_scope == "none")
   mu: optax.Updates
   nu: Optional[optax.Updates]
   prev_grad: optax.Updates
@@ -45,18 +45,19 @@ class ScaleByMarsState(NamedTuple):
 
 
 def _clip(tree, threshold, scope):
+  """Returns (clipped tree, global norm of the input); the norm is 0 for scope "none" (not
+  computed, to save a pass over the gradients)."""
   if scope == "none":
-    return tree
+    return tree, jnp.zeros([], jnp.float32)
+  squares = [C.leaf_vdot(c, c) for c in jax.tree.leaves(tree)]
+  global_norm = jnp.sqrt(sum(squares, jnp.zeros([], jnp.float32)))
+  factor = lambda norm: jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1.0)  # noqa
   if scope == "global":
-    norm = optax.tree.norm(tree)
-    factor = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1.0)
-    return jax.tree.map(lambda c: c * factor.astype(c.dtype), tree)
-
-  def per_tensor(c):
-    norm = jnp.sqrt(C.leaf_vdot(c, c))
-    return c * jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1.0)
-
-  return jax.tree.map(per_tensor, tree)
+    factors = [factor(global_norm)] * len(squares)
+  else:
+    factors = [factor(jnp.sqrt(sq)) for sq in squares]
+  leaves = [c * f.astype(c.dtype) for c, f in zip(jax.tree.leaves(tree), factors)]
+  return jax.tree.unflatten(jax.tree.structure(tree), leaves), global_norm
 
 
 def scale_by_mars(
@@ -89,7 +90,7 @@ def scale_by_mars(
     del params
     scale = gamma * b1 / (1 - b1)
     correction = jax.tree.map(lambda g, gp: g + scale * (g - gp), updates, state.prev_grad)
-    clipped = _clip(correction, clip_threshold, clip_scope)
+    clipped, correction_norm = _clip(correction, clip_threshold, clip_scope)
     count = optax.safe_increment(state.count)
     mu = optax.tree.update_moment(clipped, state.mu, b1, 1)
     if use_nu:
@@ -102,7 +103,7 @@ def scale_by_mars(
       direction = jax.tree.map(jnp.sign, mu)
     direction = C.cast_like(direction, updates)
     return direction, ScaleByMarsState(
-        count=count, correction_norm=C.scalar(optax.tree.norm(correction)),
+        count=count, correction_norm=C.scalar(correction_norm),
         mu=C.cast_like(mu, state.mu), nu=C.cast_like(nu, state.nu) if use_nu else None,
         prev_grad=C.cast_like(updates, state.prev_grad))
 

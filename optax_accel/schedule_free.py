@@ -114,8 +114,10 @@ def schedule_free_wrapper(
     direction, base_state = base.update(updates, state.base_state, params, **extra_args)
 
     def step_leaf(y, z, u):
-      x = (y - (1 - state.b1) * z) / state.b1
       z_new = z - lr * u
+      # x_t from z_{t+1} + lr u (= z_t): reading z_t after z is updated in place would force XLA
+      # to copy z when the state is donated (measured 3x slower steps on CPU).
+      x = (y - (1 - state.b1) * (z_new + lr * u)) / state.b1
       x_new = (1 - ck) * x + ck * z_new
       y_new = (1 - b1_t) * z_new + b1_t * x_new
       return (y_new - y).astype(y.dtype), z_new.astype(z.dtype)

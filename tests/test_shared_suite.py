@@ -265,3 +265,18 @@ def test_invalid_beta_named(name):
 def test_unknown_optimizer_lists_valid_names():
   with pytest.raises(ValueError, match="adamw"):
     oa.get_optimizer("adam_typo", 1e-3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_gradients_skipped_by_apply_if_finite(name):
+  """The documented NaN/Inf policy: transforms propagate non-finite values (as optax does);
+  ``optax.apply_if_finite`` skips such steps and leaves params and the inner state unchanged."""
+  opt = optax.apply_if_finite(make(name), max_consecutive_errors=3)
+  params = _params()
+  state = opt.init(params)
+  bad = jax.tree.map(lambda g: g.at[...].set(jnp.nan), _grads(params))
+  updates, new_state = jax.jit(opt.update)(bad, state, params)
+  for leaf in jax.tree.leaves(updates):
+    assert not np.any(np.asarray(leaf))
+  chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+  assert int(new_state.notfinite_count) == 1

@@ -1,0 +1,179 @@
+"""Optimizer step time and state memory, as ratios to optax.adamw measured in the same run.
+
+For every optimizer in the registry (plus optax.contrib's AdEMAMix and Schedule-Free AdamW for
+comparison) on a GPT-2-shaped parameter pytree: the median time of one jitted step
+(update + apply_updates, params and state donated), optimizer-state bytes per parameter, and the
+ideal bytes moved per parameter (read params and grads, write params, read and write every
+parameter-sized state buffer). Absolute times are printed for context only; compare ratios.
+
+    python benchmarks/optimizer_step.py                 # ~14M parameters (GPT-2 shape, 6x384)
+    python benchmarks/optimizer_step.py --size 124m     # GPT-2 small shape
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_accel as oa
+
+SIZES = {  # (layers, width, vocab, context)
+    "15m": (6, 384, 8192, 256),
+    "124m": (12, 768, 50257, 1024),
+}
+CONTRIB = {
+    "optax.contrib.ademamix": lambda lr: optax.contrib.ademamix(lr),
+    "optax.contrib.schedule_free_adamw": lambda lr: optax.contrib.schedule_free_adamw(lr),
+}
+
+
+def gpt2_shaped_params(layers: int, width: int, vocab: int, context: int, seed: int = 0):
+  """A pytree with GPT-2's tensor shapes (embeddings, per-block attention/MLP/LayerNorms)."""
+  key = jax.random.key(seed)
+  shapes = {"wte": (vocab, width), "wpe": (context, width), "ln_f": {"scale": (width,),
+                                                                      "bias": (width,)}}
+  for i in range(layers):
+    shapes[f"block_{i}"] = {
+        "ln_1": {"scale": (width,), "bias": (width,)}, "ln_2": {"scale": (width,), "bias": (width,)},
+        "attn": {"qkv": (width, 3 * width), "qkv_bias": (3 * width,), "proj": (width, width),
+                 "proj_bias": (width,)},
+        "mlp": {"fc": (width, 4 * width), "fc_bias": (4 * width,), "proj": (4 * width, width),
+                "proj_bias": (width,)}}
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def param_sized_bytes(state, params) -> int:
+  sizes = {x.size for x in jax.tree.leaves(params) if x.size > 1}
+  return sum(x.nbytes for x in jax.tree.leaves(state) if x.size in sizes)
+
+
+def make_step(opt):
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def measure(factories, params, grads, rounds: int, steps_per_round: int):
+  """Interleaved rounds (every optimizer once per round) so drift hits all alike."""
+  runs = {}
+  for name, factory in factories.items():
+    opt = factory(1e-3)
+    step = make_step(opt)
+    p = jax.tree.map(jnp.copy, params)
+    s = opt.init(p)
+    state_bytes = tree_bytes(s)
+    sized = param_sized_bytes(s, params)
+    for _ in range(3):  # compile and warm up
+      p, s = step(p, s, grads)
+    jax.block_until_ready(p)
+    runs[name] = dict(step=step, p=p, s=s, times=[], state_bytes=state_bytes, sized=sized)
+  for _ in range(rounds):
+    for run in runs.values():
+      p, s = run["p"], run["s"]
+      start = time.perf_counter()
+      for _ in range(steps_per_round):
+        p, s = run["step"](p, s, grads)
+      jax.block_until_ready((p, s))
+      run["times"].append((time.perf_counter() - start) / steps_per_round)
+      run["p"], run["s"] = p, s
+  return runs
+
+
+def copy_bandwidth(params, repeats: int = 20) -> float:
+  """Bytes/s of a jitted copy of the whole pytree (read + write), the device's practical peak."""
+  copy = jax.jit(lambda t: jax.tree.map(lambda x: x * 1.0000001, t))
+  out = copy(params)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = copy(params)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  return 2 * tree_bytes(params) / statistics.median(times)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", choices=sorted(SIZES), default="15m")
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--steps-per-round", type=int, default=3)
+  parser.add_argument("--only", nargs="*", help="registry names to include (adamw always is)")
+  parser.add_argument("--out", default="results/benchmarks/optimizer_step.md")
+  args = parser.parse_args(argv)
+
+  params = gpt2_shaped_params(*SIZES[args.size])
+  grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  names = [m for m in oa.list_optimizers() if not args.only or m in args.only or m == "adamw"]
+  factories = {m: (lambda lr, m=m: oa.get_optimizer(m, lr)) for m in names}
+  if not args.only:
+    factories.update(CONTRIB)
+  print(f"{n / 1e6:.1f}M parameters, {len(factories)} optimizers, device {jax.devices()[0]}",
+        file=sys.stderr)
+  runs = measure(factories, params, grads, args.rounds, args.steps_per_round)
+
+  param_bytes, grad_bytes = tree_bytes(params), tree_bytes(grads)
+  ideal = {k: (2 * param_bytes + grad_bytes + 2 * r["sized"]) / n for k, r in runs.items()}
+  median = {k: statistics.median(r["times"]) for k, r in runs.items()}
+  rows = []
+  for name, run in runs.items():
+    ideal_ratio = ideal[name] / ideal["adamw"]
+    time_ratio = median[name] / median["adamw"]
+    rows.append(dict(
+        optimizer=name, time_ratio=time_ratio, ideal_ratio=ideal_ratio,
+        target=1.10 * ideal_ratio, ok=time_ratio <= 1.10 * ideal_ratio,
+        state_bytes=run["state_bytes"] / n, ideal_bytes=ideal[name], median_ms=1e3 * median[name]))
+  bandwidth = copy_bandwidth(params)
+
+  device = jax.devices()[0]
+  header = [
+      f"# Optimizer step benchmark ({args.size}: {n / 1e6:.1f}M parameters, GPT-2 shapes, f32)",
+      "",
+      f"- date: {datetime.date.today()}; device: {device.platform} {device.device_kind} "
+      f"({os.cpu_count()} CPU threads, {platform.machine()}); jax {jax.__version__}, "
+      f"optax {optax.__version__}",
+      f"- command: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv or sys.argv[1:])}`"
+      .replace(" `", " `").rstrip(),
+      f"- method: median over {args.rounds} interleaved rounds of {args.steps_per_round} jitted "
+      "steps (update + apply, params and state donated); ratios are to optax.adamw in this run.",
+      "- target: time ratio <= 1.10 x (ideal bytes / adamw's ideal bytes).",
+      f"- measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; adamw achieves "
+      f"{ideal['adamw'] * n / median['adamw'] / 1e9:.1f} GB/s of its ideal traffic.",
+      "",
+      "| optimizer | time / adamw | ideal bytes / adamw | target | within target | "
+      "state bytes/param | ideal bytes/param | median ms (context) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  lines = [f"| {r['optimizer']} | {r['time_ratio']:.2f} | {r['ideal_ratio']:.2f} | "
+           f"<= {r['target']:.2f} | {'yes' if r['ok'] else 'NO'} | {r['state_bytes']:.1f} | "
+           f"{r['ideal_bytes']:.0f} | {r['median_ms']:.1f} |" for r in rows]
+  text = "\n".join(header + lines) + "\n"
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(text)
+  with open(os.path.splitext(args.out)[0] + ".csv", "w") as f:
+    f.write(",".join(rows[0]) + "\n")
+    for r in rows:
+      f.write(",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()) + "\n")
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
