@@ -1,6 +1,8 @@
 """optax_accel: accelerated-SGD family, Schedule-Free, AdEMAMix, MARS, Adaptive Memory momentum and
 MADA as composable optax transformations. See README.md and shared/API.md for the contract."""
 from optax_accel._common import get_diagnostics
+from optax_accel.adaptive_memory import (
+    AdaptiveMemoryState, adaptive_memory_momentum, am_adamw, am_sgd, scale_by_am_adam)
 from optax_accel.accelerated import (
     AcceleratedMomentumState, accelerated_sgd, accsgd, agnes, canonical_coefficients, mass_sgd,
     scale_by_accelerated_momentum)

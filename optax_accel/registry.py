@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 import optax
 
+from optax_accel.adaptive_memory import am_adamw, am_sgd
 from optax_accel.accelerated import accelerated_sgd, accsgd, agnes, mass_sgd
 from optax_accel.ademamix import ademamix, simplified_ademamix
 from optax_accel.mars import mars_adamw, mars_lion
@@ -46,6 +47,8 @@ _REGISTRY: dict[str, _Entry] = {
     "simplified_ademamix": _Entry(simplified_ademamix, "mu_dtype"),
     "mars_adamw": _Entry(mars_adamw, "mu_dtype"),
     "mars_lion": _Entry(mars_lion, "mu_dtype"),
+    "am_sgd": _Entry(am_sgd, "mu_dtype"),
+    "am_adamw": _Entry(am_adamw, "mu_dtype"),
 }
 
 

@@ -1,0 +1,351 @@
+"""Adaptive Memory momentum: AM-SGD and AM-AdamW (Topollai & Choromanska, AISTATS 2026,
+arXiv:2510.04988), as reconstructed in spec/adaptive_memory.md.
+
+The momentum coefficient beta_t is the dual multiplier of a two-plane proximal model
+(gradient plane and momentum plane), solved in closed form each step. With a diagonal
+preconditioner P (P = I for AM-SGD), weight decay mu (decoupled, AdamW only), delta = d_t - g_t
+and M = 1 / (P (1 + lam P)):
+
+    beta_t  = clip( [ r * g.(d/P + mu x) - mu x.delta - delta.M(g + lam P d) ] / delta.M delta,
+                    beta_min, beta_max )                         (0 when delta.M delta == 0)
+    d_{t+1} = ((1 - beta_t) g + (lam P + beta_t) d) / (1 + lam P)
+    direction = d_{t+1} / P
+
+The first term is the first-order estimate of the function-value gap (f(x_{t-1}) - f(x_t))/eta_t
+(spec §2.1), with r = eta_{t-1}/eta_t when the learning-rate schedule is given (``lr_ratio``,
+spec §8.6; r = 1 otherwise). For AM-SGD it simplifies to
+beta = clip((1 + lam) r g.d / ||d - g||^2 - (d - g).(g + lam d) / ||d - g||^2) =
+clip((1 + lam) ||g||^2 / ||d - g||^2 - lam) at r = 1.
+
+AM-AdamW (spec §3): P_t = c_t (sqrt(v_t / (1 - b2^t)) + eps), c_t = 1 - beta_max prod_{i<t} beta_i
+(product-of-betas bias correction), v the usual EMA of g^2. The gap uses the current P_t in place of
+P_{t-1} (no extra buffer: state = AdamW's d and v plus scalars).
+
+First step: AM-SGD takes d_0 = g_0 (so d_1 = g_0); AM-AdamW takes d_0 = 0 with beta_1 = beta_max,
+which reproduces AdamW's bias-corrected first step.
+Variants (spec §4): Clip = ``beta_min > 0``; Restart = ``restart_threshold=tau``: beta is fixed at
+beta_max, and whenever the AM coefficient falls below tau the memory restarts as at the first step.
+``granularity``: "global" (one beta from reductions over all parameters; a cross-device
+all-reduce under sharding) or "per_tensor" (one beta per leaf).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_accel import _common as C
+
+_GRANULARITIES = ("global", "per_tensor")
+_GAPS = ("first_order", "exact")
+
+
+class AdaptiveMemoryState(NamedTuple):
+  """State of the AM transforms; ``nu`` and ``beta_prod`` are ``None`` for AM-SGD."""
+  count: jax.Array
+  beta: Any  # beta_t applied at the last step: a scalar (global) or a pytree of scalars
+  restarts: jax.Array  # number of restarts (Restart variant)
+  d: optax.Updates  # the momentum / memory direction d_t
+  nu: Optional[optax.Updates]  # second moment (AM-AdamW)
+  beta_prod: Any  # prod of past betas, for the bias correction (AM-AdamW)
+  prev_value: jax.Array  # f(x_{t-1}), for gap="exact" (0 otherwise)
+
+  def diagnostics(self) -> dict[str, jax.Array]:
+    return {**C.named_scalars("am_beta", self.beta), "am_restarts": self.restarts}
+
+
+def _check(lam, beta_max, beta_min, granularity, restart_threshold):
+  C.check_nonnegative("lam", lam)
+  C.check_beta("beta_max", beta_max)
+  C.check_range("beta_min", beta_min, 0.0, 1.0)
+  if C.all_concrete(beta_min, beta_max) and beta_min > beta_max:
+    raise ValueError(f"`beta_min` must not exceed `beta_max`, got {beta_min} > {beta_max}.")
+  C.check_choice("granularity", granularity, _GRANULARITIES)
+  if restart_threshold is not None:
+    C.check_range("restart_threshold", restart_threshold, 0.0, 1.0)
+
+
+def _lr_ratio(learning_rate, count):
+  """eta_{t-1} / eta_t at the 0-based count (1 without a schedule or where eta_t == 0)."""
+  if learning_rate is None or not callable(learning_rate):
+    return 1.0
+  now = C.at(learning_rate, count)
+  before = C.at(learning_rate, jnp.maximum(count - 1, 0))
+  return jnp.where(now > 0, before / jnp.where(now > 0, now, 1), 1.0)
+
+
+def _am_core(grads, d, precond, decay, params, *, lam, beta_min, beta_max, restart_threshold,
+             granularity, ratio, first_step, first_beta, exact_gap=None):
+  """Closed-form beta for lists of leaves (module docstring).
+
+  ``precond``: list of P leaves or None (P = I); ``decay``: list of mu per leaf or None.
+  ``first_beta``: beta forced at the first step (None: use the formula; AM-SGD's d_0 = g_0 rule
+  is applied by the caller). ``exact_gap``: the measured (f(x_{t-1}) - f(x_t)) / eta_t, replacing
+  the first-order estimate (global granularity only).
+  Returns (beta list, restart-flag list), one entry per leaf.
+  """
+  acc = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731
+  gaps, numerators, denominators = [], [], []
+  for i, (g, dd) in enumerate(zip(grads, d)):
+    g, dd = acc(g), acc(dd)
+    p = 1.0 if precond is None else precond[i]
+    delta = dd - g
+    metric = 1.0 / (p * (1.0 + lam * p))
+    step_direction = dd / p  # (x_{t-1} - x_t) / eta_{t-1}, without weight decay
+    numerator = -jnp.sum(delta * metric * (g + lam * p * dd))
+    if decay is not None:
+      mu_x = decay[i] * acc(params[i])
+      step_direction = step_direction + mu_x
+      numerator = numerator - jnp.sum(mu_x * delta)
+    gaps.append(ratio * jnp.sum(g * step_direction))
+    numerators.append(numerator)
+    denominators.append(jnp.sum(delta * metric * delta))
+  if granularity == "global":
+    zero = jnp.zeros([], jnp.float32)
+    gap = sum(gaps, zero) if exact_gap is None else exact_gap
+    groups = [(gap + sum(numerators, zero), sum(denominators, zero))] * len(grads)
+  else:
+    groups = [(gp + n, den) for gp, n, den in zip(gaps, numerators, denominators)]
+
+  betas, restarted = [], []
+  for numerator, denominator in groups:
+    safe = jnp.where(denominator > 0, denominator, 1.0)
+    beta = jnp.clip(jnp.where(denominator > 0, numerator / safe, 0.0), beta_min, beta_max)
+    if first_beta is not None:
+      beta = jnp.where(first_step, first_beta, beta)
+    if restart_threshold is None:
+      restarted.append(jnp.zeros([], bool))
+    else:
+      restarted.append(jnp.logical_and(beta < restart_threshold, jnp.logical_not(first_step)))
+      beta = jnp.asarray(beta_max, beta.dtype)
+    betas.append(beta)
+  return betas, restarted
+
+
+def _new_memory(g, d, p, beta, lam):
+  p = 1.0 if p is None else p
+  return ((1 - beta) * g + (lam * p + beta) * d) / (1 + lam * p)
+
+
+def adaptive_memory_momentum(
+    lam: float = 0.1,
+    beta_max: float = 0.9,
+    *,
+    granularity: str = "global",
+    beta_min: float = 0.0,
+    restart_threshold: Optional[float] = None,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    gap: str = "first_order",
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AM-SGD direction d_{t+1} (module docstring, P = I).
+
+  Args:
+    lam: proximal weight lambda >= 0 (paper: 0.1).
+    beta_max: upper clip of beta_t, in [0, 1) (paper: 0.9).
+    granularity: "global" or "per_tensor".
+    beta_min: lower clip (the Clip variant when > 0).
+    restart_threshold: tau of the Restart variant (None: off).
+    learning_rate: the schedule the direction will be scaled by; only used for the
+      eta_{t-1}/eta_t factor of the gap estimate (None: factor 1), and required by
+      ``gap="exact"``.
+    gap: "first_order" (the paper's stochastic estimate g.(x_{t-1} - x_t)) or "exact": the
+      deterministic closed form of spec §1.4 with the measured f(x_{t-1}) - f(x_t); then
+      ``update`` needs the loss at the current params as ``value=`` (global granularity).
+    mu_dtype: dtype of the memory buffer d.
+  """
+  _check(lam, beta_max, beta_min, granularity, restart_threshold)
+  C.check_choice("gap", gap, _GAPS)
+  if gap == "exact" and (learning_rate is None or granularity != "global"):
+    raise ValueError('`gap`="exact" needs `learning_rate` and `granularity`="global".')
+
+  def init_fn(params):
+    return AdaptiveMemoryState(
+        count=C.count_init(), beta=_per_group(params, granularity, 0.0),
+        restarts=C.count_init(), d=C.zeros(params, mu_dtype), nu=None, beta_prod=None,
+        prev_value=C.scalar(0.0))
+
+  def update_fn(updates, state, params=None, value=None, **extra_args):
+    del params, extra_args
+    exact_gap = None
+    if gap == "exact":
+      if value is None:
+        raise ValueError('adaptive_memory_momentum(gap="exact") needs the loss as `value=`.')
+      exact_gap = (state.prev_value - value) / C.at(learning_rate, state.count)
+    treedef = jax.tree.structure(updates)
+    g = treedef.flatten_up_to(updates)
+    first = state.count == 0
+    d = [jnp.where(first, gi, di) for gi, di in zip(g, treedef.flatten_up_to(state.d))]
+    betas, restarted = _am_core(
+        g, d, None, None, None, lam=lam, beta_min=beta_min, beta_max=beta_max,
+        restart_threshold=restart_threshold, granularity=granularity,
+        ratio=_lr_ratio(learning_rate, state.count), first_step=first, first_beta=None,
+        exact_gap=exact_gap)
+    d = [jnp.where(r, gi, di) for r, gi, di in zip(restarted, g, d)]  # restart: as step 1
+    new_d = [_new_memory(gi, di, None, b, lam) for gi, di, b in zip(g, d, betas)]
+    direction = jax.tree.unflatten(treedef, [n.astype(gi.dtype) for n, gi in zip(new_d, g)])
+    new_state = _state(state, treedef, betas, restarted, new_d, granularity)
+    if value is not None:
+      new_state = new_state._replace(prev_value=C.scalar(value))
+    return direction, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _per_group(params, granularity, value):
+  """A scalar (global) or a pytree of scalars like ``params`` (per_tensor), all ``value``."""
+  if granularity == "global":
+    return C.scalar(value)
+  return jax.tree.map(lambda _: C.scalar(value), params)
+
+
+def _pack(values, treedef, granularity, fallback):
+  """Per-leaf scalars -> the state's scalar (global) or pytree (per_tensor) form."""
+  if granularity == "per_tensor":
+    return jax.tree.unflatten(treedef, [C.scalar(v) for v in values])
+  return C.scalar(values[0]) if values else fallback
+
+
+def _state(state, treedef, betas, restarted, new_d, granularity, nu=None, beta_prod=None):
+  """The next state (prev_value is carried over; the SGD transform sets it)."""
+  restarts = state.restarts
+  if restarted:
+    restarts = restarts + jnp.any(jnp.stack(restarted)).astype(jnp.int32)
+  return AdaptiveMemoryState(
+      count=optax.safe_increment(state.count),
+      beta=_pack(betas, treedef, granularity, state.beta), restarts=restarts,
+      d=C.cast_like(jax.tree.unflatten(treedef, new_d), state.d), nu=nu, beta_prod=beta_prod,
+      prev_value=state.prev_value)
+
+
+def scale_by_am_adam(
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    lam: float = 0.1,
+    beta_max: float = 0.9,
+    *,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    granularity: str = "per_tensor",
+    beta_min: float = 0.0,
+    restart_threshold: Optional[float] = None,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AM-AdamW's preconditioned direction P_t^{-1} d_{t+1} (module docstring).
+
+  ``weight_decay`` and ``mask`` enter only the closed-form beta (the decoupled decay itself is
+  applied by the alias with ``optax.add_decayed_weights``, which must use the same values).
+  """
+  _check(lam, beta_max, beta_min, granularity, restart_threshold)
+  C.check_beta("b2", b2)
+  C.check_nonnegative("eps", eps)
+  C.check_nonnegative("weight_decay", weight_decay)
+
+  def init_fn(params):
+    return AdaptiveMemoryState(
+        count=C.count_init(), beta=_per_group(params, granularity, 0.0), restarts=C.count_init(),
+        d=C.zeros(params, mu_dtype), nu=C.zeros(params, mu_dtype),
+        beta_prod=_per_group(params, granularity, 1.0), prev_value=C.scalar(0.0))
+
+  def update_fn(updates, state, params=None):
+    treedef = jax.tree.structure(updates)
+    g = treedef.flatten_up_to(updates)
+    count = optax.safe_increment(state.count)
+    first = state.count == 0
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    nu_hat = treedef.flatten_up_to(optax.tree.bias_correction(nu, b2, count))
+    prods = ([state.beta_prod] * len(g) if granularity == "global"
+             else treedef.flatten_up_to(state.beta_prod))
+    correction = [1 - beta_max * bp for bp in prods]
+    precond = [c * (jnp.sqrt(v) + eps) for c, v in zip(correction, nu_hat)]
+    decay = None
+    if not C.is_static_zero(weight_decay):
+      if params is None:
+        raise ValueError("scale_by_am_adam with weight_decay needs `params` in update.")
+      masked = mask(params) if callable(mask) else mask
+      flags = [True] * len(g) if masked is None else treedef.flatten_up_to(masked)
+      decay = [weight_decay if f else 0.0 for f in flags]
+    flat_params = None if params is None else treedef.flatten_up_to(params)
+    d = treedef.flatten_up_to(state.d)
+    betas, restarted = _am_core(
+        g, d, precond, decay, flat_params, lam=lam, beta_min=beta_min, beta_max=beta_max,
+        restart_threshold=restart_threshold, granularity=granularity,
+        ratio=_lr_ratio(learning_rate, state.count), first_step=first, first_beta=beta_max)
+    # Restart: memory and bias correction start over, as at the first step.
+    d = [jnp.where(r, 0.0, di) for r, di in zip(restarted, d)]
+    precond = [jnp.where(r, p / c * (1 - beta_max), p)
+               for r, p, c in zip(restarted, precond, correction)]
+    prods = [jnp.where(r, 1.0, bp) * b for r, bp, b in zip(restarted, prods, betas)]
+    new_d = [_new_memory(gi, di, p, b, lam) for gi, di, p, b in zip(g, d, precond, betas)]
+    direction = jax.tree.unflatten(
+        treedef, [(n / p).astype(gi.dtype) for n, p, gi in zip(new_d, precond, g)])
+    beta_prod = _pack(prods, treedef, granularity, state.beta_prod)
+    return direction, _state(state, treedef, betas, restarted, new_d, granularity,
+                             nu=C.cast_like(nu, state.nu), beta_prod=beta_prod)
+
+  return C.with_extra_args(init_fn, update_fn)
+
+
+def am_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    lam: float = 0.1,
+    beta_max: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    granularity: str = "global",
+    beta_min: float = 0.0,
+    restart_threshold: Optional[float] = None,
+    lr_ratio: bool = True,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AM-SGD (AM-MGD): x <- x - lr d_{t+1}, EMA-form momentum with adaptive beta_t.
+
+  Weight decay is coupled L2 (added to g before beta is computed), as PyTorch SGD's
+  ``weight_decay`` that the paper's MGD baseline uses (spec §8.8). ``lr_ratio``: use
+  eta_{t-1}/eta_t in the gap estimate when ``learning_rate`` is a schedule.
+  """
+  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_nonnegative("weight_decay", weight_decay)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay) if not C.is_static_zero(weight_decay)
+      else optax.identity(),
+      adaptive_memory_momentum(lam, beta_max, granularity=granularity, beta_min=beta_min,
+                               restart_threshold=restart_threshold,
+                               learning_rate=learning_rate if lr_ratio else None,
+                               mu_dtype=mu_dtype),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def am_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    lam: float = 0.1,
+    beta_max: float = 0.9,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    granularity: str = "per_tensor",
+    beta_min: float = 0.0,
+    restart_threshold: Optional[float] = None,
+    lr_ratio: bool = True,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AM-AdamW: x <- (1 - lr wd) x - lr P^{-1} d_{t+1} (module docstring).
+
+  ``beta_max`` defaults to the paper text's 0.9 (a third-party port uses 0.89 = 0.9 - 0.1 lam;
+  spec §8.2). Decoupled weight decay, masked by ``mask``; state = AdamW's (d, v) plus scalars.
+  """
+  C.check_range("learning_rate", learning_rate, 0.0)
+  return optax.chain(
+      scale_by_am_adam(b2, eps, lam, beta_max, weight_decay=weight_decay, mask=mask,
+                       granularity=granularity, beta_min=beta_min,
+                       restart_threshold=restart_threshold,
+                       learning_rate=learning_rate if lr_ratio else None, mu_dtype=mu_dtype),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
