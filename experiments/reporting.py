@@ -1,0 +1,60 @@
+"""Writing reproduction results: a CSV, a Markdown table (with the command and the scale), plots."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import shlex
+import sys
+from typing import Any, Sequence
+
+import jax
+
+
+def command_line() -> str:
+  """The command that is running, as a user would type it."""
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(".py") and os.sep in argv[0]:
+    module = os.path.relpath(argv[0]).removesuffix(".py").replace(os.sep, ".")
+    return "python -m " + " ".join([module] + [shlex.quote(a) for a in argv[1:]])
+  return " ".join(shlex.quote(a) for a in argv)
+
+
+def environment() -> str:
+  device = jax.devices()[0]
+  return (f"{datetime.date.today()}, {device.platform} ({os.cpu_count()} CPU threads, "
+          f"{platform.machine()}), jax {jax.__version__}")
+
+
+def _fmt(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return "" if value is None else str(value)
+
+
+def write_table(path_stem: str, rows: Sequence[dict], *, title: str, notes: Sequence[str] = ()
+                ) -> str:
+  """Writes ``path_stem``.csv and ``path_stem``.md; returns the Markdown text."""
+  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+  columns = list(rows[0])
+  with open(path_stem + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  lines = [f"# {title}", "", f"- command: `{command_line()}`", f"- run: {environment()}"]
+  lines += [f"- {n}" for n in notes]
+  lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
+  text = "\n".join(lines) + "\n"
+  with open(path_stem + ".md", "w") as f:
+    f.write(text)
+  return text
+
+
+def pyplot():
+  """matplotlib.pyplot with a non-interactive backend."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
