@@ -83,15 +83,20 @@ def check_steps(name: str, value: Any, *, allow_none: bool = True) -> None:
     raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
 
 
-def is_static_zero(value: Any) -> bool:
-  """True only for a Python/NumPy scalar equal to 0.
+def is_static(value: Any, target: float) -> bool:
+  """True only for a Python/NumPy scalar equal to ``target``.
 
-  JAX arrays (e.g. hyperparameters injected by ``optax.inject_hyperparams``) are treated as
-  dynamic, so that ``init`` and a traced ``update`` always agree on the state structure.
+  JAX arrays (e.g. hyperparameters injected by ``optax.inject_hyperparams`` or learned by
+  ``hypergradient_wrapper``) are treated as dynamic, so that ``init`` and a traced ``update``
+  always agree on the state structure.
   """
   if isinstance(value, (jax.Array, jax.core.Tracer)) or callable(value):
     return False
-  return _concrete_float(value) == 0.0
+  return _concrete_float(value) == target
+
+
+def is_static_zero(value: Any) -> bool:
+  return is_static(value, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

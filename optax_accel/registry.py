@@ -9,6 +9,7 @@ import optax
 from optax_accel.adaptive_memory import am_adamw, am_sgd
 from optax_accel.accelerated import accelerated_sgd, accsgd, agnes, mass_sgd
 from optax_accel.ademamix import ademamix, simplified_ademamix
+from optax_accel.mada import avgrad, hyperadam, mada
 from optax_accel.mars import mars_adamw, mars_lion
 from optax_accel.schedule_free import (
     schedule_free_ademamix, schedule_free_adamw, schedule_free_sgd)
@@ -49,6 +50,9 @@ _REGISTRY: dict[str, _Entry] = {
     "mars_lion": _Entry(mars_lion, "mu_dtype"),
     "am_sgd": _Entry(am_sgd, "mu_dtype"),
     "am_adamw": _Entry(am_adamw, "mu_dtype"),
+    "avgrad": _Entry(avgrad, "mu_dtype"),
+    "mada": _Entry(mada, "mu_dtype"),
+    "hyperadam": _Entry(hyperadam, "mu_dtype"),
 }
 
 

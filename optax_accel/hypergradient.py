@@ -1,0 +1,190 @@
+"""Learning any optimizer's hyperparameters by one-step hypergradient descent.
+
+Baydin et al. (ICLR 2018) for the learning rate; Chandra et al. ("Gradient descent: the ultimate
+optimizer", NeurIPS 2022) and MADA (Ozkara et al., ICML 2024) for any coefficient. With
+x_t = x_{t-1} + Delta_t(q) the full update of the wrapped optimizer, the hypergradient at step t is
+
+    h_t = d f_t(x_{t-1}) / d q = < g_t, d Delta_{t-1} / d q >
+
+with everything but the last update held fixed (spec/mada.md §2.1). Within one step, in the
+official MADA code's order: h_t from the stored tangents, the hyper-optimizer step on q (default:
+per-name SGD, each |h| clipped to 10), projection onto the domain, then the parameter update with
+the new q and its tangents d Delta_t / d q (forward mode, ``jax.linearize``), stored for the
+next step.
+
+Mechanism and cost (spec §5, option A): one stored tangent per learned name (k parameter-sized
+buffers in the params' dtype) and one linearised evaluation of the inner update per step; the
+hypergradient itself is k inner products (a global reduction: an all-reduce under sharding).
+Non-finite hypergradients skip the hyper-update for that step (q and the hyper-optimizer state
+stay as they were).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_accel import _common as C
+
+
+class HypergradientState(NamedTuple):
+  """State of ``hypergradient_wrapper``."""
+  count: jax.Array
+  hyperparams: dict  # the learned values, already projected onto their domain
+  hypergradients: dict  # h_t of the last step (before clipping)
+  hyper_state: optax.OptState
+  tangents: dict  # name -> d Delta_{t-1} / d q_name, param-shaped
+  inner_state: optax.OptState
+
+  def diagnostics(self) -> dict[str, jax.Array]:
+    return {**self.hyperparams, **{f"hypergrad/{k}": v for k, v in self.hypergradients.items()}}
+
+
+def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,
+                 clip: Optional[float] = 10.0) -> optax.GradientTransformation:
+  """The official code's hyper-optimizer over a dict of scalars: clip each h to |h| <= ``clip``
+  (h * min(1, clip / (|h| + 1e-6))), heavy-ball momentum b = momentum b + h (b_0 = 0), then
+  q <- q - hyper_lr[name] * b. ``hyper_lr``: a float or a dict name -> float."""
+  rates = hyper_lr if isinstance(hyper_lr, dict) else {n: hyper_lr for n in names}
+  stages = []
+  if clip is not None:
+    stages.append(optax.stateless(lambda h, p=None: jax.tree.map(
+        lambda x: x * jnp.minimum(1.0, clip / (jnp.abs(x) + 1e-6)), h)))
+  stages.append(optax.trace(momentum))  # momentum may be traced (inject_hyperparams)
+  stages.append(optax.stateless(lambda h, p=None: {k: -rates[k] * v for k, v in h.items()}))
+  return optax.chain(*stages)
+
+
+def _validate(inner_factory, learnable, hyper_lr, domain, freeze_steps, bound):
+  params = inspect.signature(inner_factory).parameters
+  for name in learnable:
+    if name not in params:
+      raise ValueError(f"`learnable` name {name!r} is not an argument of {inner_factory.__name__}.")
+  rates = hyper_lr if isinstance(hyper_lr, dict) else {n: hyper_lr for n in learnable}
+  for name in learnable:
+    if name not in rates:
+      raise ValueError(f"`hyper_lr` has no entry for {name!r}.")
+    C.check_nonnegative(f"hyper_lr[{name!r}]", rates[name])
+  for name, (lo, hi) in (domain or {}).items():
+    if name not in learnable:
+      raise ValueError(f"`domain` names {name!r}, which is not in `learnable`.")
+    if not lo < hi:
+      raise ValueError(f"`domain` for {name!r} must have lo < hi, got ({lo}, {hi}).")
+  C.check_steps("freeze_steps", freeze_steps, allow_none=False)
+  for name in learnable:
+    value = bound[name]
+    if isinstance(value, jax.core.Tracer):  # e.g. under inject_hyperparams: only init uses it
+      continue
+    if callable(value) or not C.all_concrete(value):
+      raise ValueError(f"The initial value of learnable {name!r} must be a number, got {value!r}.")
+    lo, hi = (domain or {}).get(name, (-float("inf"), float("inf")))
+    if not lo <= float(value) <= hi:
+      raise ValueError(f"The initial value of {name!r} ({value}) is outside its `domain` "
+                       f"[{lo}, {hi}].")
+
+
+def hypergradient_wrapper(
+    inner_factory: Callable[..., optax.GradientTransformation],
+    learnable: Sequence[str],
+    hyper_lr: Any,
+    *,
+    domain: Optional[dict] = None,
+    hyper_optimizer: Optional[optax.GradientTransformation] = None,
+    freeze_steps: int = 0,
+    static_args: Sequence[str] = (),
+    hyper_momentum: float = 0.0,
+    hypergrad_clip: Optional[float] = 10.0,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+  """Wraps ``inner_factory`` so that its ``learnable`` hyperparameters are learned.
+
+  Used like ``optax.inject_hyperparams``: ``hypergradient_wrapper(optax.adam, ("b1", "b2"),
+  1e-4)(learning_rate=1e-3)``. ``inner_factory(**hyperparams)`` must build the FULL optimizer
+  (its updates are what ``optax.apply_updates`` adds to the params), e.g. ``optax.sgd``,
+  ``optax.adamw``, ``oa.ademamix``, ``oa.am_adamw``; it is rebuilt every step with the current
+  values (arguments in ``static_args``, bools, strings and schedules are passed through as given).
+
+  Args:
+    inner_factory: the optimizer factory.
+    learnable: names of float arguments of ``inner_factory`` to learn.
+    hyper_lr: learning rate of the hyper-optimizer, a float or a dict name -> float (>= 0).
+    domain: name -> (lo, hi) box; learned values are projected onto it after every hyper-step
+      and stored projected (the hypergradient is taken at the projected value).
+    hyper_optimizer: an optax transformation over the dict of learned values (default:
+      ``per_name_sgd(hyper_lr, learnable, momentum=hyper_momentum, clip=hypergrad_clip)``).
+    freeze_steps: the hyper-update is skipped for the first ``freeze_steps`` steps.
+    static_args: arguments that must never be traced (like ``inject_hyperparams``'s); only the
+      learnable ones are, so this just guards against naming one of them.
+    hyper_momentum, hypergrad_clip: settings of the default hyper-optimizer.
+
+  Raises:
+    ValueError: a learnable name that is not an argument of ``inner_factory``, a domain with
+      lo >= hi, an initial value outside its domain or not a number, a negative ``hyper_lr``.
+  """
+  learnable = tuple(learnable)
+  signature = inspect.signature(inner_factory)
+  # Only learned values are traced; every other argument is passed through unchanged, so
+  # ``static_args`` (kept for parity with inject_hyperparams) just must not name a learnable.
+  both = set(static_args) & set(learnable)
+  if both:
+    raise ValueError(f"`static_args` and `learnable` share {sorted(both)}.")
+
+  def factory(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    _validate(inner_factory, learnable, hyper_lr, domain, freeze_steps, values)
+    fixed = {k: v for k, v in values.items() if k not in learnable}
+    hyper_opt = hyper_optimizer or per_name_sgd(hyper_lr, learnable, momentum=hyper_momentum,
+                                                clip=hypergrad_clip)
+    boxes = {n: (domain or {}).get(n, (-jnp.inf, jnp.inf)) for n in learnable}
+
+    def build(q):
+      return optax.with_extra_args_support(inner_factory(**fixed, **q))
+
+    build({n: values[n] for n in learnable})  # construction-time validation of every argument
+
+    def init_fn(params):
+      dtype = C.as_float(0).dtype
+      q = {n: jnp.asarray(values[n], dtype) for n in learnable}
+      return HypergradientState(
+          count=C.count_init(), hyperparams=q,
+          hypergradients={n: jnp.zeros([], dtype) for n in learnable},
+          hyper_state=hyper_opt.init(q),
+          tangents={n: optax.tree.zeros_like(params) for n in learnable},
+          inner_state=build(q).init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+      # 1. h_t = <g_t, d Delta_{t-1} / d q>, a global reduction per name.
+      h = {n: C.tree_vdot(updates, state.tangents[n]).astype(state.hyperparams[n].dtype)
+           for n in learnable}
+      # 2-3. hyper-step (skipped while frozen or when any h is not finite), then projection.
+      step, hyper_state = hyper_opt.update(h, state.hyper_state, state.hyperparams)
+      candidate = {n: jnp.clip(state.hyperparams[n] + step[n], *boxes[n]) for n in learnable}
+      ok = jnp.logical_and(state.count >= freeze_steps,
+                           jnp.all(jnp.stack([jnp.isfinite(v) for v in h.values()])))
+      q = {n: jnp.where(ok, candidate[n], state.hyperparams[n]) for n in learnable}
+      hyper_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), hyper_state,
+                                 state.hyper_state)
+      # 4. the parameter update with the new q, linearised in q for the next hypergradient.
+      def inner_update(q_):
+        return build(q_).update(updates, state.inner_state, params, **extra_args)
+
+      new_updates, linear, inner_state = jax.linearize(
+          lambda q_: (lambda out: (out[0], out[1]))(inner_update(q_)), q, has_aux=True)
+      tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype)
+                                         for m in learnable}), state.tangents[n])
+                  for n in learnable}
+      # Traced hyperparameters can promote the inner state and updates (optax casts with the
+      # betas' dtype); keep both dtype-stable.
+      new_updates = C.cast_like(new_updates, updates)
+      inner_state = C.cast_like(inner_state, state.inner_state)
+      return new_updates, HypergradientState(
+          count=optax.safe_increment(state.count), hyperparams=q, hypergradients=h,
+          hyper_state=hyper_state, tangents=tangents, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  return factory

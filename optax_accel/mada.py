@@ -1,0 +1,263 @@
+"""MADA: the meta-adaptive parameterized optimizer, and AVGrad (Ozkara, Yuan, Cevher, Hauswirth,
+Chen, ICML 2024, arXiv:2401.08893; official code amazon-science/mada_optimizer_search).
+
+One step of ``scale_by_mada`` in the official code's order (spec/mada.md §1.3), t >= 1:
+
+    gh   = g + b3 (g - g_prev)
+    s    = sign(gh^2 - v_{t-1});   gt2 = c gh^2 + (1 - c)(v_{t-1} + gh^2 s)     (c: Adam <-> Yogi)
+    m_t  = b1 m + (1 - b1) g;   v_t = b2 v + (1 - b2) gt2;   n_t = b3 n + (1 - b3)(g - g_prev)
+    m^L  = 0.98 m^L + 0.02 g;   u_t = 0.95 m^L + 0.05 g                     (Lion branch)
+    vbar_t = (v_t + (t - 1) vbar_{t-1}) / t                                 (AVGrad running mean)
+    A = m_t / (1 - b1^t) + b3 n_t;   vh = (rho v_t + (1 - rho) stop_grad(vbar_t)) / (1 - b2^t)
+    direction = gamma A / (sqrt(vh) + eps) + (1 - gamma) sign(u_t)
+
+Vertices: Adam (b3=0, rho=c=gamma=1), AVGrad (rho=0), Yogi-form second moment (c=0), Adan-like
+(b3>0), Lion (gamma=0). The running mean is detached (no hypergradient through it), as in the
+ICML code; v and vbar start at 1e-15 as there. The code's quirks are switches (spec §7.4):
+``n_init_g_squared`` (n_0 = g_1^2, default True as the code), ``lion_uses_updated_momentum``
+(default True as the code; False = true Lion ordering), ``bias_correct_n`` (default False as
+the code). Buffers are allocated only for the branches the coefficients can reach: a Python
+``b3 == 0`` drops n and g_prev, ``rho == 1`` drops vbar, ``gamma == 1`` drops the Lion momentum
+(learned coefficients are arrays, so every buffer is kept).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_accel import _common as C
+from optax_accel.hypergradient import HypergradientState, hypergradient_wrapper
+
+_V_INIT = 1e-15  # the official code's initial v and vbar
+
+
+class ScaleByMadaState(NamedTuple):
+  """State of ``scale_by_mada``; ``None`` marks a buffer its static coefficients never use."""
+  count: jax.Array
+  mu: optax.Updates  # m
+  nu: optax.Updates  # v
+  nu_mean: Optional[optax.Updates]  # vbar (AVGrad running mean)
+  adan: Optional[optax.Updates]  # n
+  prev_grad: Optional[optax.Updates]  # g_{t-1}
+  lion_mu: Optional[optax.Updates]  # m^L
+
+
+def _check_coefficients(b1, b2, b3, rho, c, gamma, eps):
+  C.check_beta("b1", b1)
+  C.check_beta("b2", b2)
+  C.check_beta("b3", b3)
+  for name, value in (("rho", rho), ("c", c), ("gamma", gamma)):
+    C.check_range(name, value, 0.0, 1.0)
+  C.check_nonnegative("eps", eps)
+
+
+def scale_by_mada(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    b3: Any = 0.0,
+    rho: Any = 1.0,
+    c: Any = 1.0,
+    gamma: Any = 1.0,
+    *,
+    lion_b1: float = 0.95,
+    lion_b2: float = 0.98,
+    eps: float = 1e-8,
+    n_init_g_squared: bool = True,
+    lion_uses_updated_momentum: bool = True,
+    bias_correct_n: bool = False,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MADA's parameterized direction (module docstring); coefficients are floats or traced."""
+  _check_coefficients(b1, b2, b3, rho, c, gamma, eps)
+  C.check_beta("lion_b1", lion_b1)
+  C.check_beta("lion_b2", lion_b2)
+  has_adan = not C.is_static_zero(b3)
+  has_mean = not C.is_static(rho, 1.0)
+  has_lion = not C.is_static(gamma, 1.0)
+
+  def init_fn(params):
+    zeros = lambda: C.zeros(params, mu_dtype)  # noqa: E731
+    tiny = lambda: jax.tree.map(lambda z: z + jnp.asarray(_V_INIT, z.dtype), zeros())  # noqa
+    return ScaleByMadaState(
+        count=C.count_init(), mu=zeros(), nu=tiny(), nu_mean=tiny() if has_mean else None,
+        adan=zeros() if has_adan else None, prev_grad=zeros() if has_adan else None,
+        lion_mu=zeros() if has_lion else None)
+
+  def update_fn(updates, state, params=None):
+    del params
+    treedef = jax.tree.structure(updates)
+    flat = lambda tree: treedef.flatten_up_to(tree) if tree is not None else [None] * len(g)  # noqa
+    g = treedef.flatten_up_to(updates)
+    count = optax.safe_increment(state.count)
+    t = C.as_float(count)
+    first = C.as_float(state.count == 0)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    out = {k: [] for k in ("direction", "mu", "nu", "nu_mean", "adan", "prev_grad", "lion_mu")}
+    for gi, m, v, vbar, n, gp, ml in zip(g, flat(state.mu), flat(state.nu), flat(state.nu_mean),
+                                         flat(state.adan), flat(state.prev_grad),
+                                         flat(state.lion_mu)):
+      diff = gi - gp if has_adan else 0.0
+      g_hat = gi + b3 * diff
+      g_hat2 = g_hat * g_hat
+      sign = jnp.sign(g_hat2 - v)
+      g_tilde2 = c * g_hat2 + (1 - c) * (v + g_hat2 * sign)
+      m_new = b1 * m + (1 - b1) * gi
+      v_new = b2 * v + (1 - b2) * g_tilde2
+      numerator = m_new / bc1
+      if has_adan:
+        n_prev = n + first * gi * gi if n_init_g_squared else n  # the code's lazy n_0 = g_1^2
+        n_new = b3 * n_prev + (1 - b3) * diff
+        numerator = numerator + b3 * (n_new / (1 - b3**t) if bias_correct_n else n_new)
+        out["adan"].append(n_new)
+        out["prev_grad"].append(gi)
+      if has_mean:
+        vbar_new = (v_new + (t - 1) * vbar) / t
+        second = rho * v_new + (1 - rho) * jax.lax.stop_gradient(vbar_new)
+        out["nu_mean"].append(vbar_new)
+      else:
+        second = v_new
+      direction = gamma * numerator / (jnp.sqrt(second / bc2) + eps)
+      if has_lion:
+        ml_new = lion_b2 * ml + (1 - lion_b2) * gi
+        lion_input = ml_new if lion_uses_updated_momentum else ml
+        direction = direction + (1 - gamma) * jnp.sign(lion_b1 * lion_input + (1 - lion_b1) * gi)
+        out["lion_mu"].append(ml_new)
+      out["direction"].append(direction.astype(gi.dtype))
+      out["mu"].append(m_new)
+      out["nu"].append(v_new)
+
+    def pack(key, old):
+      return None if old is None else C.cast_like(jax.tree.unflatten(treedef, out[key]), old)
+
+    return jax.tree.unflatten(treedef, out["direction"]), ScaleByMadaState(
+        count=count, mu=pack("mu", state.mu), nu=pack("nu", state.nu),
+        nu_mean=pack("nu_mean", state.nu_mean), adan=pack("adan", state.adan),
+        prev_grad=pack("prev_grad", state.prev_grad), lion_mu=pack("lion_mu", state.lion_mu))
+
+  return C.with_extra_args(init_fn, update_fn)
+
+
+def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                    mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
+  """AVGrad (MADA paper eq. 5, as the code runs it): Adam with v replaced by the running mean of
+  the v EMA, one bias correction (1 - b2^t) on the mean. MADA at rho = 0, b3 = 0, c = gamma = 1;
+  state m, v, vbar (12 bytes/param in f32)."""
+  return scale_by_mada(b1, b2, 0.0, 0.0, 1.0, 1.0, eps=eps, mu_dtype=mu_dtype)
+
+
+def avgrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+           eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
+           mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
+  """AVGrad with decoupled weight decay (AdamW-style)."""
+  return _full(scale_by_avgrad(b1, b2, eps, mu_dtype=mu_dtype), learning_rate, weight_decay, mask)
+
+
+def _full(direction, learning_rate, weight_decay, mask):
+  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_nonnegative("weight_decay", weight_decay)
+  return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any = 0.95,
+                   b3: Any = 0.0, rho: Any = 1.0, c: Any = 1.0, gamma: Any = 1.0,
+                   weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
+                   eps: float = 1e-8, mu_dtype: Optional[Any] = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """The full MADA step with fixed coefficients: x <- x - lr (direction + weight_decay x).
+
+  The inner factory of ``mada`` (whose coefficients are learned), and MADA-FS when called with
+  ``frozen(state)``: ``mada_optimizer(lr, **frozen(state))``.
+  """
+  return _full(scale_by_mada(b1, b2, b3, rho, c, gamma, eps=eps, mu_dtype=mu_dtype),
+               learning_rate, weight_decay, mask)
+
+
+# The official code's projection boxes (spec §1.1) and hyper-learning rates (OWT runs, §2.3).
+MADA_DOMAIN = {"b1": (0.01, 0.99), "b2": (0.501, 0.99), "b3": (0.0, 0.99), "rho": (0.0, 1.0),
+               "c": (0.0, 1.0), "gamma": (0.0, 1.0)}
+MADA_HYPER_LR = {"b1": 5e-4, "b2": 5e-4, "b3": 1e-1, "rho": 1e-1, "c": 1e-1, "gamma": 1e-1}
+
+
+def mada(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    b3: float = 0.0,
+    rho: float = 1.0,
+    c: float = 1.0,
+    gamma: float = 1.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    *,
+    eps: float = 1e-8,
+    hyper_lr: Optional[Any] = None,
+    hyper_momentum: float = 0.0,
+    freeze_steps: int = 0,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MADA: the six coefficients learned by one-step hypergradient descent (``hypergradient_wrapper``).
+
+  Defaults from the paper's GPT-2/OWT setup: hyper-lrs 5e-4 for b1, b2 and 1e-1 for the others
+  (``hyper_lr`` overrides, a float or a dict), plain SGD (``hyper_momentum`` 0), each
+  hypergradient clipped to |h| <= 10, the code's boxes (b1 in [.01, .99], b2 in [.501, .99],
+  b3 in [0, .99], rho, c, gamma in [0, 1]). The paper starts from Adam (b3=0, rho=c=gamma=1) on
+  Shakespeare and from AVGrad + Adan (rho=0, b3=0.9) on OpenWebText.
+  """
+  learned = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)
+  rates = dict(MADA_HYPER_LR)
+  if isinstance(hyper_lr, dict):
+    rates.update(hyper_lr)
+  elif hyper_lr is not None:
+    rates = {k: hyper_lr for k in rates}
+  return hypergradient_wrapper(
+      mada_optimizer, learnable=tuple(learned), hyper_lr=rates, domain=MADA_DOMAIN,
+      hyper_momentum=hyper_momentum, freeze_steps=freeze_steps,
+      static_args=("mask", "eps", "mu_dtype"))(
+          learning_rate, weight_decay=weight_decay, mask=mask, eps=eps, mu_dtype=mu_dtype,
+          **learned)
+
+
+def hyperadam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    *,
+    eps: float = 1e-8,
+    hyper_lr: Any = 1e-4,
+    hyper_momentum: float = 0.0,
+    freeze_steps: int = 0,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """HyperAdam: AdamW (``optax.adamw``) with b1 and b2 learned by hypergradient descent.
+
+  Boxes b1 in [0.01, 0.99] (the code's) and b2 in [0.501, 0.9999] (the code clamps b2 to 0.99 for
+  GPT runs; we widen the box so that the API default b2 = 0.999 is inside it).
+  """
+  C.check_range("learning_rate", learning_rate, 0.0)  # optax.adamw itself does not validate
+  C.check_nonnegative("weight_decay", weight_decay)
+  C.check_nonnegative("eps", eps)
+  return hypergradient_wrapper(
+      optax.adamw, learnable=("b1", "b2"), hyper_lr=hyper_lr,
+      domain={"b1": (0.01, 0.99), "b2": (0.501, 0.9999)}, hyper_momentum=hyper_momentum,
+      freeze_steps=freeze_steps, static_args=("mask", "mu_dtype", "nesterov"))(
+          learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype)
+
+
+def frozen(state: optax.OptState) -> dict[str, float]:
+  """MADA-FS: the learned coefficients at the end of a run, as floats.
+
+  ``optax_accel.mada_optimizer(lr, **frozen(state))`` (or ``scale_by_mada(**frozen(state))``)
+  re-runs them as a fixed optimizer.
+
+  Raises:
+    ValueError: if ``state`` holds no hypergradient state.
+  """
+  states = C.find_states(state, HypergradientState)
+  if not states:
+    raise ValueError("No HypergradientState in `state`: not a hypergradient-trained optimizer.")
+  return {k: float(v) for k, v in states[0].hyperparams.items()}
