@@ -2,10 +2,6 @@
 loops of spec §2-3, granularity, sharding, variants, bad input."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +9,7 @@ import optax
 import pytest
 
 import optax_accel as oa
-from helpers import max_abs_diff, run_optax
+from helpers import max_abs_diff, run_optax, sharded_vs_unsharded
 from references import noisy_quadratic
 
 STEPS = 200
@@ -274,45 +270,8 @@ def test_state_bytes_match_adamw_and_sgd():
   assert nbytes(oa.am_sgd(1e-3).init(params)) == 4 * 64
 
 
-_SHARDED = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np, optax
-    import optax_accel as oa
-    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
-    rng = np.random.default_rng(0)
-    host = {"w": jnp.asarray(rng.normal(size=(64, 16)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(16,)), jnp.float32)}
-    target = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), host)
-    loss = lambda p: sum(jnp.sum((a - b) ** 2 * (1 + jnp.arange(a.size).reshape(a.shape) % 3))
-                         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
-
-    def run(params):
-      opt = oa.am_sgd(0.01, granularity="global")
-      state = opt.init(params)
-      step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
-          opt.update(jax.grad(loss)(p), s, p)))
-      for _ in range(30):
-        params, state = step(params, state)
-      return params, state
-    plain, _ = run(host)
-    with jax.set_mesh(mesh):
-      sharded = jax.tree.map(lambda x, s: jax.device_put(x, jax.NamedSharding(mesh, s)), host,
-                             {"w": jax.P("x", None), "b": jax.P("x")})
-      result, state = run(sharded)
-    assert result["w"].sharding.spec == jax.P("x", None)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(plain),
-                                                               jax.tree.leaves(result)))
-    print("MAXDIFF", diff, float(state[1].beta))
-    assert diff <= 1e-6, diff
-""")
-
-
 def test_global_beta_under_sharding_matches_unsharded():
-  out = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
-                       timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "MAXDIFF" in out.stdout
+  assert sharded_vs_unsharded('oa.am_sgd(0.01, granularity="global")') <= 1e-6
 
 
 @pytest.mark.parametrize("call,arg", [
