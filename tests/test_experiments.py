@@ -30,3 +30,15 @@ def test_logistic_reproduction(tmp_path):
                         "--out", str(tmp_path)])
   assert _written(str(tmp_path / "logistic"))
   assert {r["regime"] for r in rows} == {"full batch", "minibatch 32"}
+
+
+def test_reddi_reproduction(tmp_path):
+  """200k of the paper's 2M steps: the spec's float64 simulation has MADA at x = 0.39 after
+  100k steps with rho below 0.05 by then, and Adam stuck near +1."""
+  from experiments.synthetic import reddi  # pylint: disable=import-outside-toplevel
+  rows = {r["method"]: r for r in reddi.main(["--steps", "200000", "--out", str(tmp_path)])}
+  assert _written(str(tmp_path / "reddi"))
+  assert rows["Adam"]["x@100k"] > 0.99
+  assert rows["MADA"]["x@100k"] == pytest.approx(0.39, abs=0.01)
+  assert rows["MADA"]["first step rho < 0.05"] <= 200_000
+  assert rows["AMSGrad"]["x@200k"] < 0 and rows["AVGrad"]["x@200k"] < 0
