@@ -163,6 +163,14 @@ def leaf_vdot(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.sum((x * y).astype(jnp.promote_types(x.dtype, jnp.float32)))
 
 
+def fused_sums(terms: list) -> tuple:
+  """Sums of several same-shaped arrays in one variadic reduction (one pass, one kernel)."""
+  dims = tuple(range(terms[0].ndim))
+  zeros = tuple(jnp.zeros([], t.dtype) for t in terms)
+  return jax.lax.reduce(tuple(terms), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                        dims)
+
+
 def with_extra_args(init_fn: Callable, update_fn: Callable
                     ) -> optax.GradientTransformationExtraArgs:
   """Wraps an ``update(updates, state, params)`` so that extra keyword args are ignored."""

@@ -76,14 +76,6 @@ def _lr_ratio(learning_rate, count):
   return jnp.where(now > 0, before / jnp.where(now > 0, now, 1), 1.0)
 
 
-def _fused_sums(terms):
-  """Sums of several same-shaped arrays in one variadic reduction (one pass, one kernel)."""
-  dims = tuple(range(terms[0].ndim))
-  zeros = tuple(jnp.zeros([], t.dtype) for t in terms)
-  return jax.lax.reduce(tuple(terms), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)),
-                        dims)
-
-
 def _am_core(grads, d, precond, decay, params, *, lam, beta_min, beta_max, restart_threshold,
              granularity, ratio, first_step, first_beta, exact_gap=None):
   """Closed-form beta for lists of leaves (module docstring).
@@ -105,7 +97,7 @@ def _am_core(grads, d, precond, decay, params, *, lam, beta_min, beta_max, resta
     if decay is not None:
       mu_x = decay[i] * acc(params[i])
       terms += [g * mu_x, mu_x * delta]
-    sums = _fused_sums(terms)
+    sums = C.fused_sums(terms)
     gap = sums[0] if decay is None else sums[0] + sums[3]
     numerator = -sums[1] if decay is None else -sums[1] - sums[4]
     gaps.append(ratio * gap)

@@ -12,9 +12,12 @@ per-name SGD, each |h| clipped to 10), projection onto the domain, then the para
 the new q and its tangents d Delta_t / d q (forward mode, ``jax.linearize``), stored for the
 next step.
 
-Mechanism and cost (spec §5, option A): one stored tangent per learned name (k parameter-sized
-buffers in the params' dtype) and one linearised evaluation of the inner update per step; the
-hypergradient itself is k inner products (a global reduction: an all-reduce under sharding).
+Mechanisms (spec §5): ``tangents="forward"`` (default, any optimizer; option A) stores one tangent
+per learned name (k parameter-sized buffers in the params' dtype) and linearises the inner update
+once per step; the hypergradient is then k inner products (a global reduction: an all-reduce
+under sharding). ``tangents="closed_form"`` (option C) asks the inner optimizer for
+<g_{t+1}, d Delta_t / d q> directly from its post-update state (``WithHypergradients``, e.g.
+``mada_optimizer(..., closed_form_hypergradients=True)``): no tangents, no linearisation.
 Non-finite hypergradients skip the hyper-update for that step (q and the hyper-optimizer state
 stay as they were).
 """
@@ -28,6 +31,19 @@ import jax.numpy as jnp
 import optax
 
 from optax_accel import _common as C
+
+
+class WithHypergradients(optax.GradientTransformationExtraArgs):
+  """A full optimizer that also computes its own one-step hypergradients in closed form.
+
+  ``hypergradients(state, next_grads, q) -> {name: <next_grads, d Delta / d q_name>}``, where
+  ``state`` is the optimizer state after the step whose update Delta was computed with ``q``.
+  """
+
+  def __new__(cls, init, update, hypergradients):
+    obj = super().__new__(cls, init, update)
+    obj.hypergradients = hypergradients
+    return obj
 
 
 class HypergradientState(NamedTuple):
@@ -97,6 +113,7 @@ def hypergradient_wrapper(
     static_args: Sequence[str] = (),
     hyper_momentum: float = 0.0,
     hypergrad_clip: Optional[float] = 10.0,
+    tangents: str = "forward",
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """Wraps ``inner_factory`` so that its ``learnable`` hyperparameters are learned.
 
@@ -118,6 +135,8 @@ def hypergradient_wrapper(
     static_args: arguments that must never be traced (like ``inject_hyperparams``'s); only the
       learnable ones are, so this just guards against naming one of them.
     hyper_momentum, hypergrad_clip: settings of the default hyper-optimizer.
+    tangents: "forward" (stored forward-mode tangents, any optimizer) or "closed_form" (the
+      inner optimizer is a ``WithHypergradients``; nothing parameter-sized is stored here).
 
   Raises:
     ValueError: a learnable name that is not an argument of ``inner_factory``, a domain with
@@ -125,6 +144,8 @@ def hypergradient_wrapper(
   """
   learnable = tuple(learnable)
   signature = inspect.signature(inner_factory)
+  C.check_choice("tangents", tangents, ("forward", "closed_form"))
+  closed_form = tangents == "closed_form"
   # Only learned values are traced; every other argument is passed through unchanged, so
   # ``static_args`` (kept for parity with inject_hyperparams) just must not name a learnable.
   both = set(static_args) & set(learnable)
@@ -144,7 +165,10 @@ def hypergradient_wrapper(
     def build(q):
       return optax.with_extra_args_support(inner_factory(**fixed, **q))
 
-    build({n: values[n] for n in learnable})  # construction-time validation of every argument
+    probe = inner_factory(**fixed, **{n: values[n] for n in learnable})  # validates every arg
+    if closed_form and not isinstance(probe, WithHypergradients):
+      raise ValueError('`tangents`="closed_form" needs an inner optimizer that is a '
+                       f"WithHypergradients; {inner_factory.__name__} returned {type(probe)}.")
 
     def init_fn(params):
       dtype = C.as_float(0).dtype
@@ -153,13 +177,17 @@ def hypergradient_wrapper(
           count=C.count_init(), hyperparams=q,
           hypergradients={n: jnp.zeros([], dtype) for n in learnable},
           hyper_state=hyper_opt.init(q),
-          tangents={n: optax.tree.zeros_like(params) for n in learnable},
+          tangents={} if closed_form else {n: optax.tree.zeros_like(params) for n in learnable},
           inner_state=build(q).init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
       # 1. h_t = <g_t, d Delta_{t-1} / d q>, a global reduction per name.
-      h = {n: C.tree_vdot(updates, state.tangents[n]).astype(state.hyperparams[n].dtype)
-           for n in learnable}
+      if closed_form:
+        h = inner_factory(**fixed, **state.hyperparams).hypergradients(
+            state.inner_state, updates, state.hyperparams)
+      else:
+        h = {n: C.tree_vdot(updates, state.tangents[n]) for n in learnable}
+      h = {n: jnp.asarray(h[n], state.hyperparams[n].dtype) for n in learnable}
       # 2-3. hyper-step (skipped while frozen or when any h is not finite), then projection.
       step, hyper_state = hyper_opt.update(h, state.hyper_state, state.hyperparams)
       candidate = {n: jnp.clip(state.hyperparams[n] + step[n], *boxes[n]) for n in learnable}
@@ -168,15 +196,17 @@ def hypergradient_wrapper(
       q = {n: jnp.where(ok, candidate[n], state.hyperparams[n]) for n in learnable}
       hyper_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), hyper_state,
                                  state.hyper_state)
-      # 4. the parameter update with the new q, linearised in q for the next hypergradient.
+      # 4. the parameter update with the new q (linearised in q for the next hypergradient).
       def inner_update(q_):
-        return build(q_).update(updates, state.inner_state, params, **extra_args)
+        return tuple(build(q_).update(updates, state.inner_state, params, **extra_args))
 
-      new_updates, linear, inner_state = jax.linearize(
-          lambda q_: (lambda out: (out[0], out[1]))(inner_update(q_)), q, has_aux=True)
-      tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype)
-                                         for m in learnable}), state.tangents[n])
-                  for n in learnable}
+      if closed_form:
+        (new_updates, inner_state), tangents = inner_update(q), {}
+      else:
+        new_updates, linear, inner_state = jax.linearize(inner_update, q, has_aux=True)
+        tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype)
+                                           for m in learnable}), state.tangents[n])
+                    for n in learnable}
       # Traced hyperparameters can promote the inner state and updates (optax casts with the
       # betas' dtype); keep both dtype-stable.
       new_updates = C.cast_like(new_updates, updates)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_accel import _common as C
-from optax_accel.hypergradient import HypergradientState, hypergradient_wrapper
+from optax_accel.hypergradient import (
+    HypergradientState, WithHypergradients, hypergradient_wrapper)
 
 _V_INIT = 1e-15  # the official code's initial v and vbar
 
@@ -43,6 +44,8 @@ class ScaleByMadaState(NamedTuple):
   adan: Optional[optax.Updates]  # n
   prev_grad: Optional[optax.Updates]  # g_{t-1}
   lion_mu: Optional[optax.Updates]  # m^L
+  grad_diff: Optional[optax.Updates] = None  # g_t - g_{t-1}   (closed-form hypergradients only)
+  g_tilde2: Optional[optax.Updates] = None  # gt2_t            (closed-form hypergradients only)
 
 
 def _check_coefficients(b1, b2, b3, rho, c, gamma, eps):
@@ -68,9 +71,14 @@ def scale_by_mada(
     n_init_g_squared: bool = True,
     lion_uses_updated_momentum: bool = True,
     bias_correct_n: bool = False,
+    hypergradient_buffers: bool = False,
     mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MADA's parameterized direction (module docstring); coefficients are floats or traced."""
+  """MADA's parameterized direction (module docstring); coefficients are floats or traced.
+
+  ``hypergradient_buffers`` keeps g_t - g_{t-1} and gt2_t (two parameter-sized buffers), all
+  that ``mada_hypergradients`` needs besides the state to evaluate the closed-form partials.
+  """
   _check_coefficients(b1, b2, b3, rho, c, gamma, eps)
   C.check_beta("lion_b1", lion_b1)
   C.check_beta("lion_b2", lion_b2)
@@ -84,7 +92,9 @@ def scale_by_mada(
     return ScaleByMadaState(
         count=C.count_init(), mu=zeros(), nu=tiny(), nu_mean=tiny() if has_mean else None,
         adan=zeros() if has_adan else None, prev_grad=zeros() if has_adan else None,
-        lion_mu=zeros() if has_lion else None)
+        lion_mu=zeros() if has_lion else None,
+        grad_diff=zeros() if hypergradient_buffers else None,
+        g_tilde2=zeros() if hypergradient_buffers else None)
 
   def update_fn(updates, state, params=None):
     del params
@@ -95,7 +105,8 @@ def scale_by_mada(
     t = C.as_float(count)
     first = C.as_float(state.count == 0)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
-    out = {k: [] for k in ("direction", "mu", "nu", "nu_mean", "adan", "prev_grad", "lion_mu")}
+    out = {k: [] for k in ("direction", "mu", "nu", "nu_mean", "adan", "prev_grad", "lion_mu",
+                           "grad_diff", "g_tilde2")}
     for gi, m, v, vbar, n, gp, ml in zip(g, flat(state.mu), flat(state.nu), flat(state.nu_mean),
                                          flat(state.adan), flat(state.prev_grad),
                                          flat(state.lion_mu)):
@@ -128,6 +139,8 @@ def scale_by_mada(
       out["direction"].append(direction.astype(gi.dtype))
       out["mu"].append(m_new)
       out["nu"].append(v_new)
+      out["grad_diff"].append(gi - gp if has_adan else gi)
+      out["g_tilde2"].append(g_tilde2)
 
     def pack(key, old):
       return None if old is None else C.cast_like(jax.tree.unflatten(treedef, out[key]), old)
@@ -135,9 +148,58 @@ def scale_by_mada(
     return jax.tree.unflatten(treedef, out["direction"]), ScaleByMadaState(
         count=count, mu=pack("mu", state.mu), nu=pack("nu", state.nu),
         nu_mean=pack("nu_mean", state.nu_mean), adan=pack("adan", state.adan),
-        prev_grad=pack("prev_grad", state.prev_grad), lion_mu=pack("lion_mu", state.lion_mu))
+        prev_grad=pack("prev_grad", state.prev_grad), lion_mu=pack("lion_mu", state.lion_mu),
+        grad_diff=pack("grad_diff", state.grad_diff), g_tilde2=pack("g_tilde2", state.g_tilde2))
 
   return C.with_extra_args(init_fn, update_fn)
+
+
+def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: dict,
+                        learning_rate: Any, *, eps: float = 1e-8, lion_b1: float = 0.95,
+                        lion_b2: float = 0.98, lion_uses_updated_momentum: bool = True
+                        ) -> dict[str, jax.Array]:
+  """h_j = <g_{t+1}, d Delta_t / d q_j> = -lr_t <g_{t+1}, dU_t/dq_j> in closed form (spec §2.2).
+
+  ``state`` is the state after step t (built with ``hypergradient_buffers=True`` and every
+  coefficient dynamic), ``q`` the coefficients used at step t. Uses the exact rewrites
+  m_{t-1} - g = (m_t - g)/b1, v_{t-1} = (v_t - (1-b2) gt2)/b2, b3 (n_{t-1} - d) = n_t - d, so
+  b1 must stay positive (MADA's box: b1 >= 0.01). The running mean is held fixed (detached).
+  Returns zeros before the first step.
+  """
+  b1, b2, b3, rho, c, gamma = (q[k] for k in ("b1", "b2", "b3", "rho", "c", "gamma"))
+  t = C.as_float(jnp.maximum(state.count, 1))
+  lr = C.at(learning_rate, jnp.maximum(state.count - 1, 0))
+  bc1, bc2 = 1 - b1**t, 1 - b2**t
+  treedef = jax.tree.structure(next_grads)
+  leaves = [treedef.flatten_up_to(x) for x in (
+      next_grads, state.mu, state.nu, state.nu_mean, state.adan, state.prev_grad, state.lion_mu,
+      state.grad_diff, state.g_tilde2)]
+  totals = [jnp.zeros([], jnp.float32)] * 6
+  for g_next, m, v, vbar, n, g, ml, d, gt2 in zip(*leaves):
+    v_prev = (v - (1 - b2) * gt2) / b2
+    g_hat = g + b3 * d
+    sign = jnp.sign(g_hat * g_hat - v_prev)
+    mixed = rho * v + (1 - rho) * vbar
+    v_hat = mixed / bc2
+    big_a = m / bc1 + b3 * n
+    denom = jnp.sqrt(v_hat) + eps
+    u_a = gamma / denom
+    u_v = -gamma * big_a / (denom * denom * 2 * jnp.sqrt(v_hat))
+    lion_m = ml if lion_uses_updated_momentum else (ml - (1 - lion_b2) * g) / lion_b2
+    dv_dg2 = rho * (1 - b2) / bc2  # d v_hat / d gt2
+    partials = [
+        big_a / denom - jnp.sign(lion_b1 * lion_m + (1 - lion_b1) * g),  # gamma
+        u_a * ((m - g) / (b1 * bc1) + m * t * b1**(t - 1) / bc1**2),  # b1
+        u_v * (rho * (v - gt2) / (b2 * bc2) + mixed * t * b2**(t - 1) / bc2**2),  # b2
+        u_a * (2 * n - d) + u_v * dv_dg2 * 2 * g_hat * d * (c + (1 - c) * sign),  # b3
+        u_v * (v - vbar) / bc2,  # rho
+        u_v * dv_dg2 * (g_hat * g_hat - v_prev - g_hat * g_hat * sign),  # c
+    ]
+    sums = C.fused_sums([g_next * p for p in partials])
+    totals = [a + b for a, b in zip(totals, sums)]
+  names = ("gamma", "b1", "b2", "b3", "rho", "c")
+  started = state.count > 0
+  return {k: jnp.where(started, -lr * total, 0.0) for k, total in zip(names, totals)}
 
 
 def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
@@ -165,15 +227,23 @@ def _full(direction, learning_rate, weight_decay, mask):
 def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any = 0.95,
                    b3: Any = 0.0, rho: Any = 1.0, c: Any = 1.0, gamma: Any = 1.0,
                    weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
-                   eps: float = 1e-8, mu_dtype: Optional[Any] = None
-                   ) -> optax.GradientTransformationExtraArgs:
+                   eps: float = 1e-8, closed_form_hypergradients: bool = False,
+                   mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
   """The full MADA step with fixed coefficients: x <- x - lr (direction + weight_decay x).
 
   The inner factory of ``mada`` (whose coefficients are learned), and MADA-FS when called with
-  ``frozen(state)``: ``mada_optimizer(lr, **frozen(state))``.
+  ``frozen(state)``: ``mada_optimizer(lr, **frozen(state))``. With
+  ``closed_form_hypergradients`` the result also carries ``hypergradients(state, next_grads, q)``
+  (``mada_hypergradients``; weight decay does not depend on q), which
+  ``hypergradient_wrapper(..., tangents="closed_form")`` uses instead of stored tangents.
   """
-  return _full(scale_by_mada(b1, b2, b3, rho, c, gamma, eps=eps, mu_dtype=mu_dtype),
-               learning_rate, weight_decay, mask)
+  direction = scale_by_mada(b1, b2, b3, rho, c, gamma, eps=eps, mu_dtype=mu_dtype,
+                            hypergradient_buffers=closed_form_hypergradients)
+  full = _full(direction, learning_rate, weight_decay, mask)
+  if not closed_form_hypergradients:
+    return full
+  return WithHypergradients(full.init, full.update, lambda state, next_grads, q: (
+      mada_hypergradients(state[0], next_grads, q, learning_rate, eps=eps)))
 
 
 # The official code's projection boxes (spec §1.1) and hyper-learning rates (OWT runs, §2.3).
@@ -205,7 +275,9 @@ def mada(
   (``hyper_lr`` overrides, a float or a dict), plain SGD (``hyper_momentum`` 0), each
   hypergradient clipped to |h| <= 10, the code's boxes (b1 in [.01, .99], b2 in [.501, .99],
   b3 in [0, .99], rho, c, gamma in [0, 1]). The paper starts from Adam (b3=0, rho=c=gamma=1) on
-  Shakespeare and from AVGrad + Adan (rho=0, b3=0.9) on OpenWebText.
+  Shakespeare and from AVGrad + Adan (rho=0, b3=0.9) on OpenWebText. Hypergradients are the
+  closed forms of spec §2.2 (``mada_hypergradients``): state = MADA's 6 buffers + 2, no stored
+  tangents.
   """
   learned = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)
   rates = dict(MADA_HYPER_LR)
@@ -215,10 +287,10 @@ def mada(
     rates = {k: hyper_lr for k in rates}
   return hypergradient_wrapper(
       mada_optimizer, learnable=tuple(learned), hyper_lr=rates, domain=MADA_DOMAIN,
-      hyper_momentum=hyper_momentum, freeze_steps=freeze_steps,
+      hyper_momentum=hyper_momentum, freeze_steps=freeze_steps, tangents="closed_form",
       static_args=("mask", "eps", "mu_dtype"))(
           learning_rate, weight_decay=weight_decay, mask=mask, eps=eps, mu_dtype=mu_dtype,
-          **learned)
+          closed_form_hypergradients=True, **learned)
 
 
 def hyperadam(

@@ -145,7 +145,7 @@ def _history(opt, loss, x0, steps):
   return out
 
 
-@pytest.mark.parametrize("case", ["mada", "adam"])
+@pytest.mark.parametrize("case", ["mada", "mada_closed_form", "adam"])
 def test_hypergradient_equals_autodiff_of_unrolled_step(case):
   """h_t = d f(x_{t-1}(q)) / dq, x_{t-1} = x_{t-2} + Delta(q; g_{t-1}, state_{t-2})."""
   with jax.enable_x64(True):
@@ -155,6 +155,12 @@ def test_hypergradient_equals_autodiff_of_unrolled_step(case):
       opt = oa.hypergradient_wrapper(oa.mada_optimizer, tuple(coeffs), 1e-3,
                                      hypergrad_clip=None)(1e-2, **coeffs)
       inner = lambda q: oa.mada_optimizer(1e-2, **q)  # noqa: E731
+    elif case == "mada_closed_form":
+      coeffs = VERTICES["interior"]
+      opt = oa.hypergradient_wrapper(oa.mada_optimizer, tuple(coeffs), 1e-3, hypergrad_clip=None,
+                                     tangents="closed_form")(
+                                         1e-2, closed_form_hypergradients=True, **coeffs)
+      inner = lambda q: oa.mada_optimizer(1e-2, closed_form_hypergradients=True, **q)  # noqa
     else:
       opt = oa.hypergradient_wrapper(optax.adam, ("b1", "b2"), 1e-3, hypergrad_clip=None)(
           1e-2, b1=0.9, b2=0.99)
@@ -172,6 +178,11 @@ def test_hypergradient_equals_autodiff_of_unrolled_step(case):
       got = history[t][1].hypergradients
       for name in q:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-12)
+    if case == "mada_closed_form":  # MADA's 6 buffers + 2 for hypergradients, no tangents
+      state = history[-1][1]
+      assert state.tangents == {}
+      sized = [x for x in jax.tree.leaves(state) if x.shape == x0.shape]
+      assert len(sized) == 8
 
 
 def mada_partials(g, g_prev, m_prev, v_prev, n_prev, vbar_prev, ml_prev, t, q, eps=1e-8):
@@ -317,6 +328,9 @@ def test_under_scan_and_jit():
     (lambda: oa.hypergradient_wrapper(optax.adam, ("b1",), 1e-3, freeze_steps=-1)(1e-3),
      "freeze_steps"),
     (lambda: oa.hypergradient_wrapper(optax.adam, ("b1",), 1e-3, static_args=("b1",)), "b1"),
+    (lambda: oa.hypergradient_wrapper(optax.adam, ("b1",), 1e-3, tangents="closed_form")(1e-3),
+     "closed_form"),
+    (lambda: oa.hypergradient_wrapper(optax.adam, ("b1",), 1e-3, tangents="reverse"), "tangents"),
     (lambda: oa.mada(1e-3, b1=0.995), "b1"),
     (lambda: oa.mada(1e-3, rho=1.5), "rho"),
     (lambda: oa.mada(-1e-3), "learning_rate"),
