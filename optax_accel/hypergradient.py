@@ -9,8 +9,8 @@ x_t = x_{t-1} + Delta_t(q) the full update of the wrapped optimizer, the hypergr
 with everything but the last update held fixed (spec/mada.md §2.1). Within one step, in the
 official MADA code's order: h_t from the stored tangents, the hyper-optimizer step on q (default:
 per-name SGD, each |h| clipped to 10), projection onto the domain, then the parameter update with
-the new q and its tangents d Delta_t / d q (forward mode, ``jax.jvp`` batched over the learned
-names), stored for the next step.
+the new q and its tangents d Delta_t / d q (forward mode, ``jax.linearize``; measured faster on
+CPU than a vmapped ``jax.jvp``), stored for the next step.
 
 Mechanisms (spec §5): ``tangents="forward"`` (default, any optimizer; option A) stores one tangent
 per learned name (k parameter-sized buffers in the params' dtype) and differentiates the inner
@@ -203,14 +203,10 @@ def hypergradient_wrapper(
       if closed_form:
         (new_updates, inner_state), tangents = inner_update(q), {}
       else:
-        # One jvp per learned name, batched with vmap: the primal update is computed once and
-        # the k tangents in the same pass (no stored linearisation residuals).
-        basis = {m: jnp.eye(len(learnable), dtype=q[m].dtype)[i] for i, m in enumerate(learnable)}
-        new_updates, batched, inner_state = jax.vmap(
-            lambda t: jax.jvp(inner_update, (q,), (t,), has_aux=True),
-            out_axes=(None, 0, None))(basis)
-        tangents = {n: C.cast_like(jax.tree.map(lambda x, i=i: x[i], batched),
-                                   state.tangents[n]) for i, n in enumerate(learnable)}
+        new_updates, linear, inner_state = jax.linearize(inner_update, q, has_aux=True)
+        tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype)
+                                           for m in learnable}), state.tangents[n])
+                    for n in learnable}
       # Traced hyperparameters can promote the inner state and updates (optax casts with the
       # betas' dtype); keep both dtype-stable.
       new_updates = C.cast_like(new_updates, updates)
