@@ -1,0 +1,209 @@
+"""The Flax LM training script: model sizes, learning, resume, sharding, checkpoints, errors."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("orbax.checkpoint")
+
+import optax_accel as oa  # noqa: E402
+from experiments.lm import model as model_lib  # noqa: E402
+from experiments.lm import train as train_lib  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small deterministic English-like corpus (no network)."""
+  rng = np.random.default_rng(0)
+  words = ("the of and to in that is was he for it with as his on be at by had not "
+           "thou thy thee lord king love night sweet death heart").split()
+  text = "\n".join(" ".join(rng.choice(words, size=12)) + "." for _ in range(3000))
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(text)
+  return str(path)
+
+
+def _cli(*args, env=None, check=True):
+  out = subprocess.run([sys.executable, "-m", "experiments.lm.train", *args], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, **(env or {})},
+                       timeout=600, check=False)
+  if check:
+    assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def _tiny(corpus, steps=20, **extra):
+  sets = {"data.path": corpus, "train.steps": steps, "log.progress": False, "eval.interval": 10,
+          "eval.batches": 2, **extra}
+  return [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
+
+
+@pytest.mark.parametrize("name", sorted(model_lib.PRESETS))
+def test_preset_parameter_counts(name):
+  expected = {"gpt2-124m": 124e6, "llama-60m": 58e6, "llama-100m": 100e6,
+              "shakespeare-char": 10.8e6}
+  count = model_lib.parameter_count(model_lib.PRESETS[name])  # eval_shape: nothing allocated
+  if name in expected:
+    assert abs(count - expected[name]) <= 0.01 * expected[name], count
+  assert count > 0
+
+
+def test_model_output_shapes():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  for name in ("tiny", "tiny-llama"):
+    model = model_lib.LanguageModel(model_lib.PRESETS[name], nnx.Rngs(0))
+    assert model(jnp.zeros((2, 16), jnp.int32)).shape == (2, 16, 256)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "ademamix"])
+def test_loss_falls_on_tiny_preset(corpus, optimizer):
+  """ln(256) = 5.55 at init; 80 steps must bring the training loss down by at least 1.5 nats."""
+  cfg = train_lib.build_config("tiny", {"data.path": corpus, "train.steps": 80,
+                                        "optim.name": optimizer, "log.progress": False,
+                                        "optim.kwargs": {"b3": 0.999} if optimizer == "ademamix"
+                                        else {}})
+  summary = train_lib.train(cfg)
+  first = summary["history"][0]["loss"]
+  assert first > 5.0 and summary["train_loss"] < first - 1.5, (first, summary["train_loss"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "mada"])
+def test_resume_is_identical_to_not_stopping(corpus, tmp_path, optimizer):
+  common = _tiny(corpus, 20, **{"optim.name": optimizer})
+  _cli(*common, "--set", f"ckpt.dir={tmp_path / 'a'}", "--set",
+       f"log.metrics={tmp_path / 'a.jsonl'}")
+  _cli(*common, "--set", f"ckpt.dir={tmp_path / 'b'}", "--set", "train.stop_at=10", "--set",
+       f"log.metrics={tmp_path / 'b.jsonl'}")
+  _cli(*common, "--set", f"ckpt.dir={tmp_path / 'b'}", "--set",
+       f"log.metrics={tmp_path / 'b.jsonl'}", "--resume")
+  straight = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+  resumed = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in resumed] == list(range(1, 21))
+  for a, b in zip(straight, resumed):
+    assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss"), (a, b)
+  params = []
+  for run in ("a", "b"):
+    cfg = train_lib.build_config("tiny", {"data.path": corpus, "train.steps": 20,
+                                          "optim.name": optimizer, "ckpt.dir": str(tmp_path / run)})
+    manager, ocp = train_lib.checkpoint_manager(cfg)
+    with jax.set_mesh(train_lib.make_mesh(cfg)):
+      _, _, state = train_lib.init_state(cfg, train_lib.model_config(cfg),
+                                         train_lib.make_mesh(cfg))
+      params.append(train_lib.restore(cfg, manager, ocp, state)["params"])
+  for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sharded_matches_single_device(corpus, tmp_path):
+  """8 fake CPU devices, (data 4, fsdp 2) mesh, vs one device: same losses to 1e-5."""
+  runs = {}
+  for name, devices, fsdp in (("single", 1, 1), ("sharded", 8, 2)):
+    log = tmp_path / f"{name}.jsonl"
+    _cli(*_tiny(corpus, 20, **{"mesh.fsdp": fsdp}), "--set", f"log.metrics={log}",
+         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    runs[name] = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
+  np.testing.assert_allclose(runs["sharded"], runs["single"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", oa.list_optimizers())
+def test_optimizer_state_round_trips_through_orbax(name, tmp_path):
+  """Save at step k, restore into a freshly built abstract state, continue: identical."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.zeros(4)}
+  loss = lambda p: jnp.sum((p["w"] @ jnp.ones(4) - 1.0) ** 2) + jnp.sum((p["b"] - 0.5) ** 2)  # noqa
+  opt = oa.get_optimizer(name, 1e-2)
+
+  @jax.jit
+  def step(p, s):
+    value, grads = jax.value_and_grad(loss)(p)
+    updates, s = opt.update(grads, s, p, value=value)
+    return optax.apply_updates(p, updates), s
+
+  p, s = params, opt.init(params)
+  for _ in range(3):
+    p, s = step(p, s)
+  manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False))
+  manager.save(3, args=ocp.args.StandardSave({"params": p, "opt_state": s}))
+  manager.wait_until_finished()
+  fresh = {"params": params, "opt_state": opt.init(params)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+  restored = manager.restore(3, args=ocp.args.StandardRestore(abstract))
+  p2, s2 = restored["params"], restored["opt_state"]
+  assert jax.tree.structure(s2) == jax.tree.structure(s)
+  for _ in range(3):
+    p, s = step(p, s)
+    p2, s2 = step(p2, s2)
+  for x, y in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("case", ["preset", "optimizer", "key", "missing_ckpt", "corrupt_ckpt",
+                                  "empty_corpus", "seq_len", "existing_ckpt"])
+def test_bad_input_gives_one_clear_line(corpus, tmp_path, case):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("   \n")
+  tiny = (tmp_path / "tiny.txt")
+  tiny.write_text("abc " * 10)
+  args = {
+      "preset": ["--config", "nope"],
+      "optimizer": _tiny(corpus, 5, **{"optim.name": "adamz"}),
+      "key": _tiny(corpus, 5, **{"optim.learning_rate": 0.1}),
+      "missing_ckpt": _tiny(corpus, 5, **{"ckpt.dir": str(tmp_path / "none")}) + ["--resume"],
+      "corrupt_ckpt": _tiny(corpus, 5, **{"ckpt.dir": str(tmp_path / "corrupt")}) + ["--resume"],
+      "empty_corpus": _tiny(str(empty), 5),
+      "seq_len": _tiny(str(tiny), 5),
+      "existing_ckpt": _tiny(corpus, 4, **{"ckpt.dir": str(tmp_path / "done")}),
+  }[case]
+  if case == "corrupt_ckpt":
+    step_dir = tmp_path / "corrupt" / "5"
+    step_dir.mkdir(parents=True)
+    (step_dir / "state").mkdir()
+    (step_dir / "state" / "garbage").write_text("not a checkpoint")
+  if case == "existing_ckpt":
+    _cli(*args)
+    before = sorted(p.name for p in (tmp_path / "done").iterdir())
+  out = _cli(*args, check=False)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith("error: ") and "Traceback" not in out.stderr, out.stderr[-2000:]
+  if case == "existing_ckpt":
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == before
+
+
+def test_two_processes_with_jax_distributed_match_single_process(corpus, tmp_path):
+  """Two local processes (1 CPU device each) joined by jax.distributed.initialize on localhost
+  train like one process with 2 devices."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  common = _tiny(corpus, 10)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.lm.train", *common, "--set", "distributed=true",
+       "--set", f"distributed.coordinator=127.0.0.1:{port}", "--set",
+       "distributed.num_processes=2", "--set", f"distributed.process_id={i}", "--set",
+       f"log.metrics={tmp_path / 'multi.jsonl'}"], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+  _cli(*common, "--set", f"log.metrics={tmp_path / 'single.jsonl'}",
+       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  multi, single = ([json.loads(x)["loss"] for x in (tmp_path / f).read_text().splitlines()]
+                   for f in ("multi.jsonl", "single.jsonl"))
+  assert len(multi) == 10
+  np.testing.assert_allclose(multi, single, rtol=1e-6)
