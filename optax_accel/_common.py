@@ -171,6 +171,16 @@ def fused_sums(terms: list) -> tuple:
                         dims)
 
 
+def full_optimizer(direction: optax.GradientTransformation,
+                   learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0,
+                   mask: Any = None) -> optax.GradientTransformationExtraArgs:
+  """The aliases' pattern: direction, decoupled weight decay, then ``-learning_rate``."""
+  check_range("learning_rate", learning_rate, 0.0)
+  check_nonnegative("weight_decay", weight_decay)
+  return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
 def with_extra_args(init_fn: Callable, update_fn: Callable
                     ) -> optax.GradientTransformationExtraArgs:
   """Wraps an ``update(updates, state, params)`` so that extra keyword args are ignored."""
@@ -213,7 +223,7 @@ def get_diagnostics(state: Any) -> dict[str, jax.Array]:
       key, i = f"{name}_{i}", i + 1
     out[key] = value
 
-  def visit(node):
+  for node in iter_states(state):
     diag = getattr(node, "diagnostics", None)
     if callable(diag) and isinstance(node, tuple):
       for k, v in diag().items():
@@ -222,31 +232,18 @@ def get_diagnostics(state: Any) -> dict[str, jax.Array]:
       for k, v in node.hyperparams.items():
         if jnp.ndim(v) == 0:
           add(k, v)
-    if isinstance(node, (tuple, list)):
-      for child in node:
-        visit(child)
-    elif isinstance(node, dict):
-      for child in node.values():
-        visit(child)
-
-  visit(state)
   return out
+
+
+def iter_states(state: Any):
+  """Every node of a nested optimizer state (tuples, NamedTuples, lists, dicts), pre-order."""
+  yield state
+  children = state.values() if isinstance(state, dict) else (
+      state if isinstance(state, (tuple, list)) else ())
+  for child in children:
+    yield from iter_states(child)
 
 
 def find_states(state: Any, cls: type) -> list:
   """All sub-states of type ``cls`` inside nested tuples/lists/dicts (chain, inject, masked...)."""
-  found = []
-
-  def visit(node):
-    if isinstance(node, cls):
-      found.append(node)
-      return
-    if isinstance(node, (tuple, list)):
-      for child in node:
-        visit(child)
-    elif isinstance(node, dict):
-      for child in node.values():
-        visit(child)
-
-  visit(state)
-  return found
+  return [node for node in iter_states(state) if isinstance(node, cls)]

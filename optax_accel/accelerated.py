@@ -94,14 +94,9 @@ def accelerated_sgd(
   is lr = eta*beta with alpha = 1/beta; accelerated SGD sets alpha independently of beta.
   Weight decay is decoupled (added after the direction, then scaled by lr).
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
   C.check_beta("beta", beta)
-  C.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_accelerated_momentum(beta, alpha, mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return C.full_optimizer(scale_by_accelerated_momentum(beta, alpha, mu_dtype=mu_dtype),
+                          learning_rate, weight_decay, mask)
 
 
 # ----------------------------------------------------------------------------------------------

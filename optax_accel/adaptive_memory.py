@@ -345,12 +345,9 @@ def am_adamw(
   ``beta_max`` defaults to the paper text's 0.9 (a third-party port uses 0.89 = 0.9 - 0.1 lam;
   spec §8.2). Decoupled weight decay, masked by ``mask``; state = AdamW's (d, v) plus scalars.
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
-  return optax.chain(
+  return C.full_optimizer(
       scale_by_am_adam(b2, eps, lam, beta_max, weight_decay=weight_decay, mask=mask,
                        granularity=granularity, beta_min=beta_min,
                        restart_threshold=restart_threshold,
                        learning_rate=learning_rate if lr_ratio else None, mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)

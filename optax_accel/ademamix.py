@@ -73,6 +73,19 @@ def _second_moment_denominator(nu, b2, count, eps, eps_root):
   return jax.tree.map(lambda n: jnp.sqrt(n + eps_root) + eps, nu_hat)
 
 
+def _half_life_warmup(name, target, warmup_steps, start, start_name):
+  """``target`` as is, or grown from ``start`` over ``warmup_steps`` by the half-life scheduler."""
+  if not warmup_steps:
+    return target
+  if callable(target):
+    raise ValueError(f"`{name}` must be a float when `{name}_warmup` is given.")
+  if C.all_concrete(target, start) and target <= start:
+    raise ValueError(f"`{name}` must be greater than `{start_name}` with `{name}_warmup` (the "
+                     f"warmup goes from {start_name} to {name}), got {name}={target}, "
+                     f"{start_name}={start}.")
+  return beta_warmup_schedule(target, warmup_steps, start)
+
+
 def _check_common(b2, eps, eps_root, alpha):
   C.check_beta("b2", b2)
   C.check_nonnegative("eps", eps)
@@ -167,28 +180,15 @@ def ademamix(
   b3 grow from ``b1`` to ``b3`` linearly in half-life over T steps (the paper's schedulers; the
   paper uses T = total steps). Both need float ``alpha``/``b3``.
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
-  C.check_nonnegative("weight_decay", weight_decay)
   C.check_steps("alpha_warmup", alpha_warmup)
   C.check_steps("b3_warmup", b3_warmup)
   if alpha_warmup:
     if callable(alpha):
       raise ValueError("`alpha` must be a float when `alpha_warmup` is given.")
     alpha = alpha_warmup_schedule(alpha, alpha_warmup)
-  if b3_warmup:
-    if callable(b3):
-      raise ValueError("`b3` must be a float when `b3_warmup` is given.")
-    C.check_range("b3", b3, 0.0, 1.0, lo_open=True, hi_open=True)
-    if b3 <= b1:
-      raise ValueError(f"`b3` must be greater than `b1` with `b3_warmup` (the warmup goes from "
-                       f"b1 to b3), got b3={b3}, b1={b1}.")
-    C.check_range("b1", b1, 0.0, 1.0, lo_open=True, hi_open=True)
-    b3 = beta_warmup_schedule(b3, b3_warmup, b1)
-  return optax.chain(
-      scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  b3 = _half_life_warmup("b3", b3, b3_warmup, b1, "b1")
+  return C.full_optimizer(scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype),
+                          learning_rate, weight_decay, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,13 +229,7 @@ def scale_by_simplified_ademamix(
   C.check_range("b1", b1, 0.0, 1.0, hi_open=True)
   _check_common(b2, eps, eps_root, alpha)
   C.check_steps("b1_warmup", b1_warmup)
-  if b1_warmup:
-    if callable(b1):
-      raise ValueError("`b1` must be a float when `b1_warmup` is given.")
-    if b1 <= b1_start:
-      raise ValueError(f"`b1` must be greater than `b1_start` with `b1_warmup`, got b1={b1}, "
-                       f"b1_start={b1_start}.")
-    b1 = beta_warmup_schedule(b1, b1_warmup, b1_start)
+  b1 = _half_life_warmup("b1", b1, b1_warmup, b1_start, "b1_start")
 
   def init_fn(params):
     return ScaleBySimplifiedAdEMAMixState(
@@ -282,12 +276,8 @@ def simplified_ademamix(
   Exact relation (spec §5, tested): AdEMAMix(b1=0, b3, alpha, lr, wd) equals this with
   b1 := b3, alpha := 1/(alpha (1-b3)), lr := lr alpha (1-b3), wd := wd / (alpha (1-b3)).
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
-  C.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
+  return C.full_optimizer(
       scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root, b1_warmup=b1_warmup,
                                    b1_start=b1_start, bias_correction1=bias_correction1,
                                    mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)

@@ -214,14 +214,8 @@ def avgrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
            eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
            mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
   """AVGrad with decoupled weight decay (AdamW-style)."""
-  return _full(scale_by_avgrad(b1, b2, eps, mu_dtype=mu_dtype), learning_rate, weight_decay, mask)
-
-
-def _full(direction, learning_rate, weight_decay, mask):
-  C.check_range("learning_rate", learning_rate, 0.0)
-  C.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
-                     optax.scale_by_learning_rate(learning_rate))
+  return C.full_optimizer(scale_by_avgrad(b1, b2, eps, mu_dtype=mu_dtype), learning_rate,
+                          weight_decay, mask)
 
 
 def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any = 0.95,
@@ -239,7 +233,7 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
   """
   direction = scale_by_mada(b1, b2, b3, rho, c, gamma, eps=eps, mu_dtype=mu_dtype,
                             hypergradient_buffers=closed_form_hypergradients)
-  full = _full(direction, learning_rate, weight_decay, mask)
+  full = C.full_optimizer(direction, learning_rate, weight_decay, mask)
   if not closed_form_hypergradients:
     return full
   return WithHypergradients(full.init, full.update, lambda state, next_grads, q: (

@@ -111,13 +111,8 @@ def scale_by_mars(
 
 
 def _mars(learning_rate, b1, b2, gamma, eps, weight_decay, mask, **scale_kwargs):
-  C.check_range("learning_rate", learning_rate, 0.0)
-  C.check_nonnegative("weight_decay", weight_decay)
-  return optax.chain(
-      scale_by_mars(b1, b2, gamma, eps, **scale_kwargs),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return C.full_optimizer(scale_by_mars(b1, b2, gamma, eps, **scale_kwargs), learning_rate,
+                          weight_decay, mask)
 
 
 def mars_adamw(

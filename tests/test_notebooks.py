@@ -12,11 +12,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+  """The `quick` LM comparison on a tiny generated corpus, 15 steps per optimizer (no network)."""
+  from experiments.lm import compare  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("quick")
+  corpus = folder / "corpus.txt"
+  corpus.write_text("to be or not to be that is the question\n" * 400)
+  compare.run_preset("quick", "full", out=str(folder), data_path=str(corpus),
+                     overrides_extra={"train.steps": 15, "eval.interval": 5, "eval.batches": 2})
+  return folder
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path, monkeypatch, request):
   monkeypatch.setenv("OPTAX_ACCEL_QUICK", "1")  # notebooks shorten their horizons under tests
-  monkeypatch.setenv("OPTAX_ACCEL_OUT", str(tmp_path))  # where notebooks may write files
   monkeypatch.delenv("XLA_FLAGS", raising=False)
+  if "lm_comparison" in path.name:
+    monkeypatch.setenv("OPTAX_ACCEL_RESULTS", str(request.getfixturevalue("quick_results")))
   copy = tmp_path / path.name
   shutil.copy(path, copy)
   nb = nbformat.read(copy, as_version=4)

@@ -9,13 +9,15 @@ Presets: ``quick`` (tiny GPT on Shakespeare, one run per optimizer family, CPU m
 batch; Morwani et al.), ``am-warmup`` (LLaMA, AdamW and AM-AdamW with and without warmup;
 Topollai & Choromanska Table 6). ``--scale full`` is the paper-like setting (for an accelerator);
 ``--scale cpu`` shrinks model, steps and batches so that it runs on a laptop CPU. Results go to
-``results/lm/<preset>`` (``results/lm/<preset>-cpu`` at CPU scale); every table states its scale,
-the command and, where a paper published a number for the setting, that number.
+``results/lm/<preset>`` (``results/lm/<preset>-cpu`` at CPU scale): table.{md,csv}, curves.png
+and curves.json; every table states its scale, the command and, where a paper published a number
+for the setting, that number.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Any
@@ -158,6 +160,9 @@ def run_preset(name: str, scale: str, out: str | None = None, data_path: str | N
   reporting.write_table(os.path.join(out, "table"), rows, title=f"LM comparison: {name}",
                         notes=notes)
   plot(curves, os.path.join(out, "curves.png"), title=f"{name} ({scale} scale)")
+  with open(os.path.join(out, "curves.json"), "w") as f:  # for notebooks/05_lm_comparison
+    json.dump({k: [{m: r[m] for m in ("step", "loss", "val_loss") if m in r} for r in h]
+               for k, h in curves.items()}, f)
   return rows
 
 

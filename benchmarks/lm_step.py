@@ -1,0 +1,123 @@
+"""LM training-step throughput, MFU and the optimizer's share of the step time.
+
+For a model preset and a few optimizers: the median time of the jitted training step (forward,
+backward, optimizer update) and of the same step without the optimizer update (forward and
+backward only; the gradient is consumed by a cheap reduction); the optimizer share is
+1 - (gradient-only time / full step time). Tokens/s and MFU (6N + attention FLOPs per token,
+peak FLOPs by device kind, or an AVX2 FMA estimate on CPU) come from the full step.
+
+    python benchmarks/lm_step.py                                   # tiny, CPU
+    python benchmarks/lm_step.py --config gpt2-124m --batch 16     # on an accelerator
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments.lm import data as data_lib
+from experiments.lm import model as model_lib
+from experiments.lm import train as train_lib
+
+OPTIMIZERS = ("adamw", "ademamix", "am_adamw", "mada")
+
+
+def median_time(fn, *args, repeats: int) -> float:
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="tiny")
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--seq-len", type=int, default=None)
+  parser.add_argument("--dtype", default=None, help="compute dtype (float32 or bfloat16)")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+  parser.add_argument("--out", default="results/benchmarks/lm_step.md")
+  args = parser.parse_args(argv)
+
+  rows = []
+  for name in args.optimizers:
+    overrides = {"optim.name": name, "log.progress": False}
+    if args.batch:
+      overrides["train.batch_size"] = args.batch
+    if args.seq_len:
+      overrides["train.seq_len"] = args.seq_len
+    if args.dtype:
+      overrides["model.compute_dtype"] = args.dtype
+    cfg = train_lib.build_config(args.config, overrides)
+    mc = train_lib.model_config(cfg)
+    mesh = train_lib.make_mesh(cfg)
+    with jax.set_mesh(mesh):
+      graphdef, tx, state = train_lib.init_state(cfg, mc, mesh)
+      train_step, _ = train_lib.make_functions(graphdef, tx)
+      from flax import nnx  # pylint: disable=import-outside-toplevel
+
+      @jax.jit
+      def grad_only(params, inputs, targets):
+        def loss_fn(p):
+          logits = nnx.merge(graphdef, nnx.State(p))(inputs)
+          return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return loss, optax.global_norm(grads)
+
+      bs, seq = cfg["train.batch_size"], cfg["train.seq_len"]
+      tokens = jax.random.randint(jax.random.key(0), (bs, seq + 1), 0, data_lib.VOCAB_SIZE)
+      shard = train_lib.batch_sharding(mesh)
+      inputs, targets = (jax.device_put(x, shard) for x in (tokens[:, :-1], tokens[:, 1:]))
+      holder = {"state": state}
+
+      def full(inputs, targets):
+        holder["state"], stats = train_step(holder["state"], inputs, targets)
+        return stats["loss"]
+
+      t_full = median_time(full, inputs, targets, repeats=args.repeats)
+      t_grad = median_time(grad_only, holder["state"]["params"], inputs, targets,
+                           repeats=args.repeats)
+      n_params = sum(int(x.size) for x in jax.tree.leaves(holder["state"]["params"]))
+      tokens_per_s = bs * seq / t_full
+      mfu = tokens_per_s * model_lib.flops_per_token(mc, n_params) / (
+          train_lib.peak_flops(cfg) * jax.device_count())
+      rows.append(dict(optimizer=name, step_ms=1e3 * t_full, grad_ms=1e3 * t_grad,
+                       optimizer_share=max(0.0, 1 - t_grad / t_full), tokens_per_s=tokens_per_s,
+                       mfu=mfu, params=n_params))
+      print(rows[-1], file=sys.stderr)
+  device = jax.devices()[0]
+  lines = [f"# LM step: {args.config} ({rows[0]['params'] / 1e6:.2f}M parameters)", "",
+           f"- date: {datetime.date.today()}; device: {device.platform} {device.device_kind} x "
+           f"{jax.device_count()}; jax {jax.__version__}",
+           f"- command: `python benchmarks/lm_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+           f"- batch {bs} x {seq} tokens, compute dtype {cfg['model.compute_dtype']}; median of "
+           f"{args.repeats} steps; MFU uses 6N + 12 L d T FLOPs/token and "
+           f"{train_lib.peak_flops(cfg) / 1e9:.0f} GFLOP/s peak per device",
+           "- optimizer share = 1 - (forward+backward time) / (full step time)", "",
+           "| optimizer | step ms | fwd+bwd ms | optimizer share | tokens/s | MFU |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| {r['optimizer']} | {r['step_ms']:.1f} | {r['grad_ms']:.1f} | "
+            f"{100 * r['optimizer_share']:.1f}% | {r['tokens_per_s']:.0f} | "
+            f"{100 * r['mfu']:.1f}% |" for r in rows]
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
