@@ -14,17 +14,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root (experiments/)
 
-from experiments.lm import data as data_lib
-from experiments.lm import model as model_lib
-from experiments.lm import train as train_lib
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from experiments.lm import data as data_lib  # noqa: E402
+from experiments.lm import model as model_lib  # noqa: E402
+from experiments.lm import train as train_lib  # noqa: E402
 
 OPTIMIZERS = ("adamw", "ademamix", "am_adamw", "mada")
 

@@ -113,14 +113,18 @@ def schedule_free_wrapper(
 
     direction, base_state = base.update(updates, state.base_state, params, **extra_args)
 
+    # y_{t+1} = (1-b) z_{t+1} + b ((1-c) x_t + c z_{t+1}) with x_t = (y_t - (1-b') z_t) / b'
+    # (b' = the b1 of the previous step) and z_t = z_{t+1} + lr u, folded into scalars so that
+    # each element costs three multiply-adds. z_t itself is not read after z is updated in
+    # place: that would force XLA to copy the donated z (measured 3x slower steps on CPU).
+    keep = b1_t * (1 - ck) / state.b1
+    coef_y = keep - 1
+    coef_z = (1 - b1_t) + b1_t * ck - keep * (1 - state.b1)
+    coef_u = -keep * (1 - state.b1) * lr
+
     def step_leaf(y, z, u):
       z_new = z - lr * u
-      # x_t from z_{t+1} + lr u (= z_t): reading z_t after z is updated in place would force XLA
-      # to copy z when the state is donated (measured 3x slower steps on CPU).
-      x = (y - (1 - state.b1) * (z_new + lr * u)) / state.b1
-      x_new = (1 - ck) * x + ck * z_new
-      y_new = (1 - b1_t) * z_new + b1_t * x_new
-      return (y_new - y).astype(y.dtype), z_new.astype(z.dtype)
+      return (coef_y * y + coef_z * z_new + coef_u * u).astype(y.dtype), z_new.astype(z.dtype)
 
     out = jax.tree.map(step_leaf, params, state.z, direction)
     new_updates = jax.tree.map(lambda _, o: o[0], params, out)

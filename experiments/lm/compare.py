@@ -47,13 +47,14 @@ class Preset:
   seeds: tuple = (0,)
   metric_note: str = ""
   cpu: dict = dataclasses.field(default_factory=dict)  # overrides at --scale cpu
+  cpu_lr: dict = dataclasses.field(default_factory=dict)  # optimizer -> lr at --scale cpu
 
 
 def _quick_runs():
   return [
       Run("AdamW", "adamw", 3e-3),
       Run("AdEMAMix", "ademamix", 3e-3, {"b3": 0.999, "alpha": 2.0}),
-      Run("Simplified-AdEMAMix", "simplified_ademamix", 3e-4, {"b1": 0.99, "alpha": 2.0}),
+      Run("Simplified-AdEMAMix", "simplified_ademamix", 3e-5, {"b1": 0.99, "alpha": 2.0}),
       Run("SF-AdamW", "schedule_free_adamw", 5e-3),
       Run("MARS-AdamW", "mars_adamw", 3e-3),
       Run("Lion", "lion", 1e-3),
@@ -95,7 +96,9 @@ PRESETS = {
                      "accelerated methods lead at small batch, the gap shrinks at large batch, "
                      "SF-AdamW is weak at large batch"),
         cpu={"model": "tiny", "train.steps": 400, "train.seq_len": 64, "eval.interval": 100,
-             "eval.batches": 8, "optim.warmup": 20, "batch_sizes": (8, 64)}),
+             "eval.batches": 8, "optim.warmup": 20, "batch_sizes": (8, 64)},
+        cpu_lr={"adamw": 3e-3, "ademamix": 3e-3, "simplified_ademamix": 3e-5,
+                "schedule_free_adamw": 5e-3, "mars_adamw": 3e-3, "lion": 1e-3}),
     "am-warmup": Preset(
         "llama-60m", {},
         [Run("AdamW, warmup", "adamw", 1e-3, paper=4.02),
@@ -133,7 +136,8 @@ def run_preset(name: str, scale: str, out: str | None = None, data_path: str | N
                     "log.progress": sys.stderr.isatty(), **run.overrides}
         if "optim.lr" not in run.overrides and "optim.lr" not in (preset.cpu if scale == "cpu"
                                                                    else {}):
-          settings["optim.lr"] = run.lr
+          settings["optim.lr"] = (preset.cpu_lr.get(run.optimizer, run.lr) if scale == "cpu"
+                                  else run.lr)
         if batch:
           settings["train.batch_size"] = batch
         settings.update({f"optim.kwargs.{k}": v for k, v in run.kwargs.items()})
