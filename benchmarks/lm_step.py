@@ -78,7 +78,7 @@ def main(argv=None):
           logits = nnx.merge(graphdef, nnx.State(p))(inputs)
           return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        return loss, optax.global_norm(grads)
+        return loss, optax.tree.norm(grads)
 
       bs, seq = cfg["train.batch_size"], cfg["train.seq_len"]
       tokens = jax.random.randint(jax.random.key(0), (bs, seq + 1), 0, data_lib.VOCAB_SIZE)

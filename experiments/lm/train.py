@@ -275,7 +275,7 @@ def make_functions(graphdef, tx):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], inputs, targets)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"], value=loss)
     params = optax.apply_updates(state["params"], updates)
-    stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              **oa.get_diagnostics(opt_state)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
 
