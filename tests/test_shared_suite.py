@@ -197,6 +197,7 @@ def test_abstract_init(name):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   expected = jax.eval_shape(opt.init, params)
   chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(opt.init, abstract), expected)
+  chex.assert_trees_all_equal_shapes_and_dtypes(opt.init(abstract), expected)  # direct init
 
 
 @pytest.fixture(scope="module")
