@@ -112,7 +112,7 @@ def copy_bandwidth(params, repeats: int = 20) -> float:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", choices=sorted(SIZES), default="15m")
-  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--steps-per-round", type=int, default=3)
   parser.add_argument("--only", nargs="*", help="registry names to include (adamw always is)")
   parser.add_argument("--out", default="results/benchmarks/optimizer_step.md")
