@@ -155,27 +155,32 @@ def scale_by_mada(
 
 
 def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: dict,
-                        learning_rate: Any, *, eps: float = 1e-8, lion_b1: float = 0.95,
-                        lion_b2: float = 0.98, lion_uses_updated_momentum: bool = True
-                        ) -> dict[str, jax.Array]:
+                        learning_rate: Any, names=("b1", "b2", "b3", "rho", "c", "gamma"), *,
+                        eps: float = 1e-8, lion_b1: float = 0.95, lion_b2: float = 0.98,
+                        lion_uses_updated_momentum: bool = True) -> dict[str, jax.Array]:
   """h_j = <g_{t+1}, d Delta_t / d q_j> = -lr_t <g_{t+1}, dU_t/dq_j> in closed form (spec §2.2).
 
-  ``state`` is the state after step t (built with ``hypergradient_buffers=True`` and every
-  coefficient dynamic), ``q`` the coefficients used at step t. Uses the exact rewrites
-  m_{t-1} - g = (m_t - g)/b1, v_{t-1} = (v_t - (1-b2) gt2)/b2, b3 (n_{t-1} - d) = n_t - d, so
-  b1 must stay positive (MADA's box: b1 >= 0.01). The running mean is held fixed (detached).
-  Returns zeros before the first step.
+  ``state`` is the state after step t (built with ``hypergradient_buffers=True``), ``q`` all six
+  coefficients used at step t, ``names`` those to differentiate (their buffers must exist:
+  a coefficient fixed at a static vertex, e.g. rho = 1, prunes the buffers only its own
+  partial needs). Uses the exact rewrites m_{t-1} - g = (m_t - g)/b1,
+  v_{t-1} = (v_t - (1-b2) gt2)/b2, b3 (n_{t-1} - d) = n_t - d, so b1 must stay positive (MADA's
+  box: b1 >= 0.01). The running mean is held fixed (detached). Zeros before the first step.
   """
   b1, b2, b3, rho, c, gamma = (q[k] for k in ("b1", "b2", "b3", "rho", "c", "gamma"))
   t = C.as_float(jnp.maximum(state.count, 1))
   lr = C.at(learning_rate, jnp.maximum(state.count - 1, 0))
   bc1, bc2 = 1 - b1**t, 1 - b2**t
   treedef = jax.tree.structure(next_grads)
-  leaves = [treedef.flatten_up_to(x) for x in (
+  flat = lambda tree: [None] * treedef.num_leaves if tree is None else treedef.flatten_up_to(  # noqa
+      tree)
+  totals = {k: jnp.zeros([], jnp.float32) for k in names}
+  for g_next, m, v, vbar, n, g, ml, d, gt2 in zip(*map(flat, (
       next_grads, state.mu, state.nu, state.nu_mean, state.adan, state.prev_grad, state.lion_mu,
-      state.grad_diff, state.g_tilde2)]
-  totals = [jnp.zeros([], jnp.float32)] * 6
-  for g_next, m, v, vbar, n, g, ml, d, gt2 in zip(*leaves):
+      state.grad_diff, state.g_tilde2))):
+    if g is None:  # no Adan branch: grad_diff holds g_t itself and d = 0
+      g, d, n = d, 0.0, 0.0
+    vbar = v if vbar is None else vbar  # rho is fixed at 1
     v_prev = (v - (1 - b2) * gt2) / b2
     g_hat = g + b3 * d
     sign = jnp.sign(g_hat * g_hat - v_prev)
@@ -185,21 +190,24 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
     denom = jnp.sqrt(v_hat) + eps
     u_a = gamma / denom
     u_v = -gamma * big_a / (denom * denom * 2 * jnp.sqrt(v_hat))
-    lion_m = ml if lion_uses_updated_momentum else (ml - (1 - lion_b2) * g) / lion_b2
     dv_dg2 = rho * (1 - b2) / bc2  # d v_hat / d gt2
-    partials = [
-        big_a / denom - jnp.sign(lion_b1 * lion_m + (1 - lion_b1) * g),  # gamma
-        u_a * ((m - g) / (b1 * bc1) + m * t * b1**(t - 1) / bc1**2),  # b1
-        u_v * (rho * (v - gt2) / (b2 * bc2) + mixed * t * b2**(t - 1) / bc2**2),  # b2
-        u_a * (2 * n - d) + u_v * dv_dg2 * 2 * g_hat * d * (c + (1 - c) * sign),  # b3
-        u_v * (v - vbar) / bc2,  # rho
-        u_v * dv_dg2 * (g_hat * g_hat - v_prev - g_hat * g_hat * sign),  # c
-    ]
-    sums = C.fused_sums([g_next * p for p in partials])
-    totals = [a + b for a, b in zip(totals, sums)]
-  names = ("gamma", "b1", "b2", "b3", "rho", "c")
+
+    def lion_sign(ml=ml, g=g):
+      lion_m = ml if lion_uses_updated_momentum else (ml - (1 - lion_b2) * g) / lion_b2
+      return jnp.sign(lion_b1 * lion_m + (1 - lion_b1) * g)
+
+    partials = {
+        "gamma": lambda: big_a / denom - lion_sign(),
+        "b1": lambda: u_a * ((m - g) / (b1 * bc1) + m * t * b1**(t - 1) / bc1**2),
+        "b2": lambda: u_v * (rho * (v - gt2) / (b2 * bc2) + mixed * t * b2**(t - 1) / bc2**2),
+        "b3": lambda: u_a * (2 * n - d) + u_v * dv_dg2 * 2 * g_hat * d * (c + (1 - c) * sign),
+        "rho": lambda: u_v * (v - vbar) / bc2,
+        "c": lambda: u_v * dv_dg2 * (g_hat * g_hat - v_prev - g_hat * g_hat * sign),
+    }
+    sums = C.fused_sums([g_next * partials[k]() for k in names])
+    totals = {k: totals[k] + s for k, s in zip(names, sums)}
   started = state.count > 0
-  return {k: jnp.where(started, -lr * total, 0.0) for k, total in zip(names, totals)}
+  return {k: jnp.where(started, -lr * total, 0.0) for k, total in totals.items()}
 
 
 def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
@@ -236,8 +244,9 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
   full = C.full_optimizer(direction, learning_rate, weight_decay, mask)
   if not closed_form_hypergradients:
     return full
+  coefficients = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)  # the learned ones = q
   return WithHypergradients(full.init, full.update, lambda state, next_grads, q: (
-      mada_hypergradients(state[0], next_grads, q, learning_rate, eps=eps)))
+      mada_hypergradients(state[0], next_grads, coefficients, learning_rate, tuple(q), eps=eps)))
 
 
 # The official code's projection boxes (spec §1.1) and hyper-learning rates (OWT runs, §2.3).
@@ -297,21 +306,24 @@ def hyperadam(
     hyper_lr: Any = 1e-4,
     hyper_momentum: float = 0.0,
     freeze_steps: int = 0,
+    mask: Any = None,
     mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """HyperAdam: AdamW (``optax.adamw``) with b1 and b2 learned by hypergradient descent.
+  """HyperAdam: AdamW with b1 and b2 learned by hypergradient descent.
 
-  Boxes b1 in [0.01, 0.99] (the code's) and b2 in [0.501, 0.9999] (the code clamps b2 to 0.99 for
-  GPT runs; we widen the box so that the API default b2 = 0.999 is inside it).
+  As the official code runs it: MADA at the Adam vertex (b3 = 0, rho = c = gamma = 1, fixed, so
+  their buffers are not allocated) with only b1, b2 learned, by the closed-form partials (state:
+  m, v + 2 buffers, no tangents). Boxes b1 in [0.01, 0.99] (the code's) and b2 in
+  [0.501, 0.9999] (the code clamps b2 to 0.99 for GPT runs; we widen the box so that the API
+  default b2 = 0.999 is inside it). v starts at 1e-15 (the code's), not 0.
   """
-  C.check_range("learning_rate", learning_rate, 0.0)  # optax.adamw itself does not validate
-  C.check_nonnegative("weight_decay", weight_decay)
-  C.check_nonnegative("eps", eps)
   return hypergradient_wrapper(
-      optax.adamw, learnable=("b1", "b2"), hyper_lr=hyper_lr,
+      mada_optimizer, learnable=("b1", "b2"), hyper_lr=hyper_lr,
       domain={"b1": (0.01, 0.99), "b2": (0.501, 0.9999)}, hyper_momentum=hyper_momentum,
-      freeze_steps=freeze_steps, static_args=("mask", "mu_dtype", "nesterov"))(
-          learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype)
+      freeze_steps=freeze_steps, tangents="closed_form")(
+          learning_rate, b1=b1, b2=b2, b3=0.0, rho=1.0, c=1.0, gamma=1.0,
+          weight_decay=weight_decay, mask=mask, eps=eps, mu_dtype=mu_dtype,
+          closed_form_hypergradients=True)
 
 
 def frozen(state: optax.OptState) -> dict[str, float]:

@@ -145,7 +145,7 @@ def _history(opt, loss, x0, steps):
   return out
 
 
-@pytest.mark.parametrize("case", ["mada", "mada_closed_form", "adam"])
+@pytest.mark.parametrize("case", ["mada", "mada_closed_form", "adam", "hyperadam"])
 def test_hypergradient_equals_autodiff_of_unrolled_step(case):
   """h_t = d f(x_{t-1}(q)) / dq, x_{t-1} = x_{t-2} + Delta(q; g_{t-1}, state_{t-2})."""
   with jax.enable_x64(True):
@@ -161,6 +161,10 @@ def test_hypergradient_equals_autodiff_of_unrolled_step(case):
                                      tangents="closed_form")(
                                          1e-2, closed_form_hypergradients=True, **coeffs)
       inner = lambda q: oa.mada_optimizer(1e-2, closed_form_hypergradients=True, **q)  # noqa
+    elif case == "hyperadam":  # closed form at the Adam vertex, with pruned buffers
+      opt = oa.hyperadam(1e-2, b1=0.9, b2=0.99)
+      inner = lambda q: oa.mada_optimizer(  # noqa: E731
+          1e-2, b3=0.0, rho=1.0, c=1.0, gamma=1.0, closed_form_hypergradients=True, **q)
     else:
       opt = oa.hypergradient_wrapper(optax.adam, ("b1", "b2"), 1e-3, hypergrad_clip=None)(
           1e-2, b1=0.9, b2=0.99)
