@@ -119,6 +119,9 @@ def main(argv=None):
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     f.write(text)
+  with open(os.path.splitext(args.out)[0] + ".csv", "w") as f:
+    f.write(",".join(rows[0]) + "\n")
+    f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
   print(text)
 
 

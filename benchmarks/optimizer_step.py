@@ -178,7 +178,33 @@ def main(argv=None):
     f.write(",".join(rows[0]) + "\n")
     for r in rows:
       f.write(",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()) + "\n")
+  plot(rows, os.path.splitext(args.out)[0] + ".png", f"{args.size}, {device.platform}")
   print(text)
+
+
+def plot(rows, path, title):
+  """Measured time ratio beside the ideal-bytes ratio, per optimizer (skipped without matplotlib)."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  names = [r["optimizer"] for r in rows]
+  y = range(len(rows))
+  fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+  ax.barh([i + 0.2 for i in y], [r["time_ratio"] for r in rows], height=0.4,
+          label="measured step time / adamw")
+  ax.barh([i - 0.2 for i in y], [r["ideal_ratio"] for r in rows], height=0.4,
+          label="ideal bytes / adamw")
+  ax.set_yticks(list(y), names, fontsize=8)
+  ax.invert_yaxis()
+  ax.axvline(1.0, color="grey", lw=0.5)
+  ax.set(xlabel="ratio to optax.adamw (same run)", title=f"optimizer step ({title})")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
