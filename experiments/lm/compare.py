@@ -86,7 +86,7 @@ PRESETS = {
         cpu={"model": "tiny", "train.steps": 400, "train.batch_size": 16, "train.seq_len": 64,
              "eval.interval": 100, "eval.batches": 8, "optim.warmup": 20}),
     "accel-batch": Preset(
-        "gpt2-124m", {"train.steps": 20_000, "optim.kwargs.mu_dtype": None},
+        "gpt2-124m", {"train.steps": 20_000},
         [Run("AdamW", "adamw", 6e-4), Run("AdEMAMix", "ademamix", 6e-4, {"alpha": 8.0}),
          Run("Simplified-AdEMAMix", "simplified_ademamix", 1e-5, {"b1": 0.99, "alpha": 100.0}),
          Run("SF-AdamW", "schedule_free_adamw", 2e-3), Run("MARS-AdamW", "mars_adamw", 3e-3),
@@ -124,7 +124,6 @@ def run_preset(name: str, scale: str, out: str | None = None, data_path: str | N
     cpu = dict(preset.cpu)
     batch_sizes = cpu.pop("batch_sizes", batch_sizes)
     overrides.update(cpu)
-  overrides = {k: v for k, v in overrides.items() if v is not None}
   overrides.update(overrides_extra or {})
   if data_path:
     overrides["data.path"] = data_path
