@@ -9,10 +9,11 @@ from optax_accel.accelerated import (
 from optax_accel.ademamix import (
     ScaleByAdEMAMixState, ScaleBySimplifiedAdEMAMixState, ademamix, alpha_warmup_schedule,
     beta_warmup_schedule, scale_by_ademamix, scale_by_simplified_ademamix, simplified_ademamix)
-from optax_accel.hypergradient import HypergradientState, hypergradient_wrapper, per_name_sgd
+from optax_accel.hypergradient import (
+    HypergradientState, WithHypergradients, hypergradient_wrapper, per_name_sgd)
 from optax_accel.mada import (
-    ScaleByMadaState, avgrad, frozen, hyperadam, mada, mada_optimizer, scale_by_avgrad,
-    scale_by_mada)
+    ScaleByMadaState, avgrad, frozen, hyperadam, mada, mada_hypergradients, mada_optimizer,
+    scale_by_avgrad, scale_by_mada)
 from optax_accel.mars import (
     ScaleByMarsState, lion, mars_adamw, mars_lion, scale_by_lion, scale_by_mars)
 from optax_accel.registry import (
