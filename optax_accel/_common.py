@@ -154,9 +154,8 @@ def scalar(value: Any, dtype: Any = None) -> jax.Array:
 
 def tree_vdot(a: Any, b: Any) -> jax.Array:
   """Real inner product over a whole pytree, accumulated in float32 or wider."""
-  leaves = [jnp.sum((x * y).astype(jnp.promote_types(x.dtype, jnp.float32)))
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
-  return sum(leaves, jnp.zeros([], jnp.float32)) if leaves else jnp.zeros([], jnp.float32)
+  return sum((leaf_vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+             jnp.zeros([], jnp.float32))
 
 
 def leaf_vdot(x: jax.Array, y: jax.Array) -> jax.Array:

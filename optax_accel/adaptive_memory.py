@@ -81,8 +81,8 @@ def _am_core(grads, d, precond, decay, params, *, lam, beta_min, beta_max, resta
   """Closed-form beta for lists of leaves (module docstring).
 
   ``precond``: list of P leaves or None (P = I); ``decay``: list of mu per leaf or None.
-  ``first_beta``: beta reported at the first step. ``exact_gap``: the measured (f(x_{t-1}) - f(x_t)) / eta_t, replacing
-  the first-order estimate (global granularity only).
+  ``first_beta``: beta reported at the first step. ``exact_gap``: the measured
+  (f(x_{t-1}) - f(x_t)) / eta_t, replacing the first-order estimate (global granularity only).
   Returns (beta list, restart-flag list), one entry per leaf.
   """
   acc = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731
