@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root (experiments/)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from experiments.lm import data as data_lib  # noqa: E402
@@ -65,29 +65,26 @@ def main(argv=None):
     if args.dtype:
       overrides["model.compute_dtype"] = args.dtype
     cfg = train_lib.build_config(args.config, overrides)
-    mc = train_lib.model_config(cfg)
-    mesh = train_lib.make_mesh(cfg)
-    with jax.set_mesh(mesh):
-      graphdef, tx, state = train_lib.init_state(cfg, mc, mesh)
-      train_step, _ = train_lib.make_functions(graphdef, tx)
+    program = train_lib.build_train_step(cfg)
+    mc, graphdef = program.model_config, program.graphdef
+    with jax.set_mesh(program.mesh):
       from flax import nnx  # pylint: disable=import-outside-toplevel
 
       @jax.jit
       def grad_only(params, inputs, targets):
         def loss_fn(p):
-          logits = nnx.merge(graphdef, nnx.State(p))(inputs)
-          return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+          return nnx.merge(graphdef, nnx.State(p)).loss(inputs[0], targets[0])
         loss, grads = jax.value_and_grad(loss_fn)(params)
         return loss, optax.tree.norm(grads)
 
       bs, seq = cfg["train.batch_size"], cfg["train.seq_len"]
-      tokens = jax.random.randint(jax.random.key(0), (bs, seq + 1), 0, data_lib.VOCAB_SIZE)
-      shard = train_lib.batch_sharding(mesh)
-      inputs, targets = (jax.device_put(x, shard) for x in (tokens[:, :-1], tokens[:, 1:]))
-      holder = {"state": state}
+      tokens = np.asarray(jax.random.randint(jax.random.key(0), (bs, seq + 1), 0,
+                                             data_lib.VOCAB_SIZE))
+      inputs, targets = program.host_batch(tokens[:, :-1]), program.host_batch(tokens[:, 1:])
+      holder = {"state": program.init()}
 
       def full(inputs, targets):
-        holder["state"], stats = train_step(holder["state"], inputs, targets)
+        holder["state"], stats = program.step(holder["state"], inputs, targets)
         return stats["loss"]
 
       t_full = median_time(full, inputs, targets, repeats=args.repeats)

@@ -98,10 +98,9 @@ def test_resume_is_identical_to_not_stopping(corpus, tmp_path, optimizer):
     cfg = train_lib.build_config("tiny", {"data.path": corpus, "train.steps": 20,
                                           "optim.name": optimizer, "ckpt.dir": str(tmp_path / run)})
     manager, ocp = train_lib.checkpoint_manager(cfg)
-    with jax.set_mesh(train_lib.make_mesh(cfg)):
-      _, _, state = train_lib.init_state(cfg, train_lib.model_config(cfg),
-                                         train_lib.make_mesh(cfg))
-      params.append(train_lib.restore(cfg, manager, ocp, state)["params"])
+    program = train_lib.build_train_step(cfg)
+    with jax.set_mesh(program.mesh):
+      params.append(train_lib.restore(cfg, manager, ocp, program.abstract_state)["params"])
   for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
     np.testing.assert_array_equal(x, y)
 

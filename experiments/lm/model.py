@@ -1,16 +1,37 @@
 """GPT-2 and LLaMA decoder-only language models in Flax NNX, with size presets.
 
-GPT-2: learned positions, pre-LayerNorm blocks, GELU MLP (4d), biases, tied embeddings.
-LLaMA: RMSNorm, rotary position embeddings, SwiGLU MLP, no biases, untied output layer.
+GPT-2 (nanoGPT's model): learned positions, pre-LayerNorm blocks, GELU MLP (4d), biases, output
+layer tied to the token embedding. LLaMA: RMSNorm, rotary position embeddings, SwiGLU MLP, no
+biases, untied output layer. Both are built from the same parts (attention, norms, MLPs) and read
+top to bottom in their ``__call__``.
+
+Scale features, all numerically neutral:
+
+- the vocabulary is padded to a multiple of 128 (GPT-2: 50257 -> 50304, as nanoGPT does) so that
+  the embedding and output layer shard evenly; padded logits are masked out of softmax and loss;
+- activations are constrained to the batch sharding over the mesh axes ``("data", "fsdp")`` at
+  every block boundary when such a mesh is active, so the compiler never replicates the batch;
+- ``remat``: "none", "block" (keep only each block's input) or "dots_saveable" (keep matmul
+  outputs, recompute the elementwise rest);
+- :func:`softmax_cross_entropy` fuses the output layer with the loss and forms the logits'
+  gradient in the forward pass, ``loss_chunk`` sequence positions at a time, so the f32 logits
+  of a whole microbatch are never alive at once (and nothing is recomputed).
+
 Parameters are float32; ``compute_dtype="bfloat16"`` runs the matmuls in bf16.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over
+REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "dots_saveable": jax.checkpoint_policies.dots_saveable}
+VOCAB_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,30 +45,69 @@ class ModelConfig:
   d_ff: int = 0  # LLaMA's SwiGLU width (GPT-2 uses 4 d_model)
   compute_dtype: str = "float32"
   rope_base: float = 10_000.0
+  remat: str = "none"
+  loss_chunk: int = 0  # sequence positions per fused output-layer + loss chunk; 0: whole
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
       raise ValueError(f"model arch must be 'gpt2' or 'llama', got {self.arch!r}")
     if self.d_model % self.n_head:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+      raise ValueError(f"model loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")
+    try:
+      jnp.dtype(self.compute_dtype)
+    except TypeError:
+      raise ValueError(f"model compute_dtype must be a dtype name such as 'float32' or "
+                       f"'bfloat16', got {self.compute_dtype!r}") from None
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.compute_dtype)
 
 
 PRESETS = {
     "tiny": ModelConfig("gpt2", 256, 2, 4, 64, 64),
     "tiny-llama": ModelConfig("llama", 256, 2, 4, 64, 64, d_ff=172),
     "shakespeare-char": ModelConfig("gpt2", 256, 6, 6, 384, 256),  # MADA's 11M model
-    "gpt2-124m": ModelConfig("gpt2", 50257, 12, 12, 768, 1024),
+    "gpt2-124m": ModelConfig("gpt2", 50257, 12, 12, 768, 1024, loss_chunk=256),
     "llama-60m": ModelConfig("llama", 32000, 8, 8, 512, 256, d_ff=1376),
     "llama-100m": ModelConfig("llama", 32000, 12, 10, 640, 256, d_ff=1708),
+    # TinyLlama-1.1B's shape (22 layers, 2048 wide, SwiGLU 5632), full multi-head attention.
+    "llama-1b": ModelConfig("llama", 32000, 22, 32, 2048, 2048, d_ff=5632, loss_chunk=512),
 }
 
 
-def _dense(cfg, n_in, n_out, rngs, *, bias, std=0.02):
-  return nnx.Linear(n_in, n_out, use_bias=bias, dtype=jnp.dtype(cfg.compute_dtype),
+# ----------------------------------------------------------------------------------------------
+# Parts shared by both architectures.
+
+
+def constrain_batch(x):
+  """Pins the leading (batch) dimension to the mesh's batch axes, if such a mesh is active."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.P(axes, *([None] * (x.ndim - 1))))
+
+
+def dense(cfg, n_in, n_out, rngs, *, bias, std=0.02):
+  return nnx.Linear(n_in, n_out, use_bias=bias, dtype=cfg.dtype,
                     kernel_init=nnx.initializers.normal(std), rngs=rngs)
 
 
-def _rope(x, base):
+def residual_std(cfg):
+  """GPT-2's scaled init of the projections that write into the residual stream."""
+  return 0.02 / (2 * cfg.n_layer) ** 0.5
+
+
+def rope(x, base):
   """Rotary embedding on (batch, seq, heads, head_dim)."""
   seq, dim = x.shape[1], x.shape[-1]
   freqs = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
@@ -58,88 +118,190 @@ def _rope(x, base):
   return out.astype(x.dtype)
 
 
-class Attention(nnx.Module):
+class CausalSelfAttention(nnx.Module):
+  """Multi-head causal attention; ``rope_base`` set: rotary positions on q and k."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    bias = cfg.arch == "gpt2"
-    self.qkv = _dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=bias)
-    self.proj = _dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=bias,
-                       std=0.02 / (2 * cfg.n_layer) ** 0.5)
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, bias: bool, rope_base=None):
+    self.n_head, self.rope_base = cfg.n_head, rope_base
+    self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=bias)
+    self.proj = dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=bias, std=residual_std(cfg))
 
   def __call__(self, x):
-    b, t, _ = x.shape
-    head = self.cfg.d_model // self.cfg.n_head
-    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3, self.cfg.n_head, head), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    if self.cfg.arch == "llama":
-      q, k = _rope(q, self.cfg.rope_base), _rope(k, self.cfg.rope_base)
+    b, t, d = x.shape
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head), 2, 0)
+    if self.rope_base is not None:
+      q, k = rope(q, self.rope_base), rope(k, self.rope_base)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return self.proj(out.reshape(b, t, self.cfg.d_model))
+    return self.proj(out.reshape(b, t, d))
 
 
-class MLP(nnx.Module):
+class GeluMLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.cfg = cfg
-    out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
-    if cfg.arch == "gpt2":
-      self.fc = _dense(cfg, cfg.d_model, 4 * cfg.d_model, rngs, bias=True)
-      self.proj = _dense(cfg, 4 * cfg.d_model, cfg.d_model, rngs, bias=True, std=out_std)
-    else:
-      self.gate = _dense(cfg, cfg.d_model, cfg.d_ff, rngs, bias=False)
-      self.up = _dense(cfg, cfg.d_model, cfg.d_ff, rngs, bias=False)
-      self.proj = _dense(cfg, cfg.d_ff, cfg.d_model, rngs, bias=False, std=out_std)
+    self.fc = dense(cfg, cfg.d_model, 4 * cfg.d_model, rngs, bias=True)
+    self.proj = dense(cfg, 4 * cfg.d_model, cfg.d_model, rngs, bias=True, std=residual_std(cfg))
 
   def __call__(self, x):
-    if self.cfg.arch == "gpt2":
-      return self.proj(jax.nn.gelu(self.fc(x)))
+    return self.proj(jax.nn.gelu(self.fc(x)))
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.gate = dense(cfg, cfg.d_model, cfg.d_ff, rngs, bias=False)
+    self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs, bias=False)
+    self.proj = dense(cfg, cfg.d_ff, cfg.d_model, rngs, bias=False, std=residual_std(cfg))
+
+  def __call__(self, x):
     return self.proj(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
-def _norm(cfg, rngs):
-  if cfg.arch == "gpt2":
-    return nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
-  return nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
+def run_blocks(blocks, x, remat: str):
+  """x through every block, each output pinned to the batch sharding, rematerialised if asked."""
+  def apply(block, x):
+    return constrain_batch(block(x))
+  if remat != "none":
+    apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
+  for block in blocks:
+    x = apply(block, x)
+  return x
 
 
-class Block(nnx.Module):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def softmax_cross_entropy(h, w, targets, n_valid: int, chunk: int):
+  """Mean cross-entropy of the logits ``h @ w`` (f32) over the first ``n_valid`` classes.
+
+  h: (batch, seq, d) hidden states; w: (d, vocab) output layer; targets: (batch, seq) ints.
+  Computed ``chunk`` positions of the sequence at a time (0: all at once); the gradients with
+  respect to h and w are formed in the same pass (softmax - one-hot), so no chunk's logits are
+  kept for the backward pass and nothing is recomputed.
+  """
+  return _cross_entropy_fwd(h, w, targets, n_valid, chunk)[0]
+
+
+def _cross_entropy_fwd(h, w, targets, n_valid, chunk):
+  b, t, _ = h.shape
+  chunk = chunk or t
+  scale = 1.0 / (b * t)
+  w_c = w.astype(h.dtype)
+  vocab_ids = jnp.arange(w.shape[1])
+  total, grad_h, grad_w = jnp.zeros([], jnp.float32), [], jnp.zeros(w.shape, jnp.float32)
+  for start in range(0, t, chunk):
+    h_c, y_c = h[:, start:start + chunk], targets[:, start:start + chunk]
+    logits = jnp.einsum("btd,dv->btv", h_c, w_c, preferred_element_type=jnp.float32)
+    logits = jnp.where(vocab_ids < n_valid, logits, -jnp.inf)
+    log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    one_hot = vocab_ids == y_c[..., None]
+    total += jnp.sum(log_z[..., 0] - jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1))
+    d_logits = ((jnp.exp(logits - log_z) - one_hot) * scale).astype(h.dtype)
+    grad_h.append(constrain_batch(jnp.einsum("btv,dv->btd", d_logits, w_c)))
+    grad_w += jnp.einsum("btd,btv->dv", h_c, d_logits, preferred_element_type=jnp.float32)
+  grad_h = jnp.concatenate(grad_h, axis=1) if len(grad_h) > 1 else grad_h[0]
+  return total * scale, (grad_h, grad_w.astype(w.dtype))
+
+
+def _cross_entropy_bwd(n_valid, chunk, residuals, g):
+  del n_valid, chunk
+  grad_h, grad_w = residuals
+  return (g * grad_h).astype(grad_h.dtype), (g * grad_w).astype(grad_w.dtype), None
+
+
+softmax_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+class DecoderLM(nnx.Module):
+  """Common interface: ``logits(tokens)`` and ``loss(tokens, targets)``."""
+
+  cfg: ModelConfig
+
+  def __call__(self, tokens):
+    """Token ids (batch, seq) -> logits (batch, seq, vocab_size), float32."""
+    h, w = self.features(tokens)
+    logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return logits[..., :self.cfg.vocab_size]
+
+  def loss(self, tokens, targets):
+    """Mean next-token cross-entropy, through the fused chunked output layer."""
+    h, w = self.features(tokens)
+    return softmax_cross_entropy(h, w, targets, self.cfg.vocab_size, self.cfg.loss_chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2.
+
+
+class GPT2Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.norm_1, self.attn = _norm(cfg, rngs), Attention(cfg, rngs)
-    self.norm_2, self.mlp = _norm(cfg, rngs), MLP(cfg, rngs)
+    self.ln_1 = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
+    self.attn = CausalSelfAttention(cfg, rngs, bias=True)
+    self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
+    self.mlp = GeluMLP(cfg, rngs)
 
   def __call__(self, x):
-    x = x + self.attn(self.norm_1(x))
-    return x + self.mlp(self.norm_2(x))
+    x = x + self.attn(self.ln_1(x))
+    return x + self.mlp(self.ln_2(x))
 
 
-class LanguageModel(nnx.Module):
-  """Token ids (batch, seq) -> logits (batch, seq, vocab), float32."""
+class GPT2(DecoderLM):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nnx.initializers.normal(
-        0.02), rngs=rngs)
-    if cfg.arch == "gpt2":
-      self.positions = nnx.Embed(cfg.context, cfg.d_model,
-                                 embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
-    else:
-      self.head = _dense(cfg, cfg.d_model, cfg.vocab_size, rngs, bias=False)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
-    self.norm_f = _norm(cfg, rngs)
+    self.embed = nnx.Embed(cfg.padded_vocab, cfg.d_model,
+                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.positions = nnx.Embed(cfg.context, cfg.d_model,
+                               embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
+    self.blocks = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.n_layer)])
+    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
 
-  def __call__(self, tokens):
-    dtype = jnp.dtype(self.cfg.compute_dtype)
-    x = self.embed(tokens).astype(dtype)
-    if self.cfg.arch == "gpt2":
-      x = x + self.positions(jnp.arange(tokens.shape[1])[None]).astype(dtype)
-    for block in self.blocks:
-      x = block(x)
-    x = self.norm_f(x)
-    if self.cfg.arch == "gpt2":
-      return self.embed.attend(x.astype(jnp.float32))  # tied embeddings
-    return self.head(x).astype(jnp.float32)
+  def features(self, tokens):
+    """Final hidden states (batch, seq, d) and the output layer (d, vocab), tied to the embedding."""
+    x = self.embed(tokens) + self.positions(jnp.arange(tokens.shape[1]))[None]
+    x = constrain_batch(x.astype(self.cfg.dtype))
+    x = run_blocks(self.blocks, x, self.cfg.remat)
+    return self.ln_f(x), self.embed.embedding[...].T
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaMA.
+
+
+class LlamaBlock(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
+    self.attn = CausalSelfAttention(cfg, rngs, bias=False, rope_base=cfg.rope_base)
+    self.mlp_norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
+    self.mlp = SwiGLU(cfg, rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.attn_norm(x))
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(DecoderLM):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.padded_vocab, cfg.d_model,
+                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.blocks = nnx.List([LlamaBlock(cfg, rngs) for _ in range(cfg.n_layer)])
+    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
+    self.head = dense(cfg, cfg.d_model, cfg.padded_vocab, rngs, bias=False)
+
+  def features(self, tokens):
+    """Final hidden states (batch, seq, d) and the output layer (d, vocab)."""
+    x = constrain_batch(self.embed(tokens).astype(self.cfg.dtype))
+    x = run_blocks(self.blocks, x, self.cfg.remat)
+    return self.norm(x), self.head.kernel[...]
+
+
+ARCHITECTURES = {"gpt2": GPT2, "llama": Llama}
+
+
+def LanguageModel(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLM:  # noqa: N802 (a constructor)
+  """The model of ``cfg.arch``."""
+  return ARCHITECTURES[cfg.arch](cfg, rngs)
 
 
 def parameter_count(cfg: ModelConfig) -> int:
@@ -148,6 +310,12 @@ def parameter_count(cfg: ModelConfig) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-  """Training FLOPs per token: 6 N + attention 12 L d T (nanoGPT/PaLM estimate)."""
-  return 6 * n_params + 12 * cfg.n_layer * cfg.d_model * cfg.context
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int | None = None) -> float:
+  """Training FLOPs per token: 6 N_matmul + attention 12 L d T (nanoGPT/PaLM estimate).
+
+  N_matmul is every parameter that enters a matmul: the lookup-only tables (LLaMA's input
+  embedding, GPT-2's position embedding) are left out; GPT-2's token embedding stays in, as it
+  is also the output layer.
+  """
+  lookup_only = cfg.context * cfg.d_model if cfg.arch == "gpt2" else cfg.padded_vocab * cfg.d_model
+  return 6 * (n_params - lookup_only) + 12 * cfg.n_layer * cfg.d_model * (seq_len or cfg.context)

@@ -1,0 +1,154 @@
+"""The LM step at scale: compiled for TPU slices (no TPU needed), and its CPU equivalences.
+
+TPU part: the step of the training script, compiled deviceless for v5e:2x2 (4 chips) and v5e:4x4
+(16 chips) in a subprocess (libtpu from the ``tpu-aot`` extra): per-chip FLOPs and temporaries
+must fall with the chip count, no batch-sized activation may be replicated, and the optimizer
+state must be sharded like the parameters. CPU part: gradient accumulation, rematerialisation and
+the padded vocabulary change nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+
+from experiments.lm import model as model_lib  # noqa: E402
+from experiments.lm import train as train_lib  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# (config, overrides, whether activations dominate the temporaries): batches that 4 and 16 chips
+# divide, of sizes that no weight dimension has, so that a replicated activation is recognisable
+# by its leading (batch, seq) dimensions. tiny's temporaries (~6 MB) are fixed-size buffers, not
+# activations, so only shakespeare-char's must shrink with the chip count.
+SCALE_CASES = {
+    "tiny": ("tiny", ["train.batch_size=80", "mesh.fsdp=-1"], False),
+    "shakespeare-char": ("shakespeare-char", ["train.batch_size=96"], True),
+}
+
+
+def _probe(config, topology, overrides):
+  pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu), as .ci/run installs")
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "tests" / "tpu_probe.py"), config, topology, *overrides],
+      cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", sorted(SCALE_CASES))
+def test_step_spreads_over_tpu_chips(case):
+  config, overrides, activation_bound = SCALE_CASES[case]
+  small, large = (_probe(config, topology, overrides) for topology in ("v5e:2x2", "v5e:4x4"))
+  assert small["flops"] >= 3.5 * large["flops"] > 0, (small["flops"], large["flops"])
+  if activation_bound:
+    assert small["temp_bytes"] >= 3.0 * large["temp_bytes"] > 0, (small["temp_bytes"],
+                                                                   large["temp_bytes"])
+  for probe in (small, large):
+    assert probe["replicated_batch_values"] == [], probe["replicated_batch_values"]
+    assert probe["mismatched_state"] == [], probe["mismatched_state"]
+  if "mesh.fsdp=-1" in overrides:
+    assert large["sharded_params"] > 0
+
+
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "ademamix", "am_adamw", "mada",
+                                  "hyperadam"])
+def test_parameter_sized_optimizer_buffers_are_sharded_like_their_parameter(name):
+  """No compile: the state sharding the step is built with (8 CPU devices, pure FSDP)."""
+  cfg = train_lib.build_config("tiny", {"optim.name": name, "mesh.fsdp": -1,
+                                        "train.batch_size": 8})
+  program = train_lib.build_train_step(cfg)
+  params = program.abstract_state["params"]
+  specs = {leaf.shape: leaf.sharding.spec for leaf in jax.tree.leaves(params)}
+  checked = 0
+  for leaf in jax.tree.leaves(program.abstract_state["opt_state"]):
+    if leaf.shape in specs:
+      assert leaf.sharding.spec == specs[leaf.shape], (leaf.shape, leaf.sharding.spec)
+      checked += leaf.ndim >= 2 and any(s is not None for s in leaf.sharding.spec)
+  assert checked >= 2 * sum(leaf.ndim >= 2 for leaf in jax.tree.leaves(params)) - 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  rng = np.random.default_rng(1)
+  text = " ".join(rng.choice("to be or not that is the question whether tis nobler".split(),
+                             size=30_000))
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(text)
+  return str(path)
+
+
+def _train(corpus, **overrides):
+  cfg = train_lib.build_config("tiny", {"data.path": corpus, "train.steps": 6,
+                                        "train.batch_size": 32, "log.progress": False,
+                                        "eval.interval": 3, "eval.batches": 1, **overrides})
+  summary = train_lib.train(cfg)
+  return [r["loss"] for r in summary["history"]], summary["state"]["params"]
+
+
+def _assert_same(a, b, tol=1e-5):
+  np.testing.assert_allclose(a[0], b[0], rtol=tol, atol=tol)
+  for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "mada", "am_adamw"])
+def test_microbatches_equal_one_large_batch(corpus, optimizer):
+  """4 microbatches of 8 = one batch of 32 (8 CPU devices): the optimizer sees the same mean gradient and loss
+  (value= gets the mean loss)."""
+  one = _train(corpus, **{"optim.name": optimizer})
+  accumulated = _train(corpus, **{"optim.name": optimizer, "train.grad_accum": 4})
+  _assert_same(one, accumulated)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots_saveable"])
+def test_rematerialisation_changes_nothing(corpus, remat):
+  _assert_same(_train(corpus), _train(corpus, **{"model.remat": remat}))
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_padded_vocabulary_loss_equals_unpadded(arch, chunk):
+  """Vocabulary 200 is padded to 256; the fused chunked loss and its gradient equal optax's
+  cross-entropy over the 200 real logits."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg = model_lib.ModelConfig(**{**model_lib.PRESETS[arch].__dict__, "vocab_size": 200,
+                                 "loss_chunk": chunk})
+  assert cfg.padded_vocab == 256
+  graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+  tokens = jax.random.randint(jax.random.key(1), (3, 64), 0, 200)
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def fused(p):
+    return nnx.merge(graphdef, p).loss(tokens, targets)
+
+  def reference(p):
+    logits = nnx.merge(graphdef, p)(tokens)
+    assert logits.shape == (3, 64, 200)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  (a, grad_a), (b, grad_b) = jax.value_and_grad(fused)(params), jax.value_and_grad(reference)(params)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(grad_a), jax.tree.leaves(grad_b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_accum_auto_and_bad_values():
+  cfg = train_lib.build_config("tiny", {"train.batch_size": 64, "train.grad_accum": "auto",
+                                        "train.device_batch": 2})
+  assert train_lib.gradient_accumulation(cfg, 8) == 4
+  for bad in (0, 3, -1, "x", True):
+    with pytest.raises(train_lib.ConfigError, match="grad_accum"):
+      train_lib.gradient_accumulation({**cfg, "train.grad_accum": bad}, 8)

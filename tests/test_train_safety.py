@@ -1,0 +1,157 @@
+"""The training script never loses work or silently goes wrong (signals, divergence, checkpoints,
+metrics, configuration errors)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("orbax.checkpoint")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  words = "the of and to in that is was he for it with as his on be at by had not".split()
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text("\n".join(" ".join(rng.choice(words, size=12)) for _ in range(3000)))
+  return str(path)
+
+
+def _args(corpus, tmp_path, steps=40, **extra):
+  sets = {"data.path": corpus, "train.steps": steps, "log.progress": False,
+          "eval.interval": 1000, "eval.batches": 1, "ckpt.dir": str(tmp_path / "ckpt"),
+          "log.metrics": str(tmp_path / "metrics.jsonl"), **extra}
+  return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+def _run(args, check_rc=None):
+  out = subprocess.run([sys.executable, "-m", "experiments.lm.train", *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600, check=False)
+  if check_rc is not None:
+    assert out.returncode == check_rc, out.stderr[-3000:]
+  return out
+
+
+def _records(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def _steps(tmp_path):
+  return sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resume_is_bitwise_identical(corpus, tmp_path, sig):
+  """A signal mid-run finishes the step, saves, exits 128+signum with a one-line hint; --resume
+  then gives exactly the metrics of an uninterrupted run."""
+  steps = 1500
+  straight = tmp_path / "straight"
+  _run(_args(corpus, straight, steps, **{"ckpt.interval": 10_000}), check_rc=0)
+  run = tmp_path / "run"
+  args = _args(corpus, run, steps, **{"ckpt.interval": 10_000})
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.lm.train", *args], cwd=ROOT,
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = run / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(_records(metrics)) < 20):
+    time.sleep(0.2)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + sig, err[-2000:]
+  last = [line for line in err.splitlines() if line.strip()][-1]
+  assert last.startswith("interrupted: ") and "--resume" in last, err[-2000:]
+  stopped_at = len(_records(metrics))
+  assert 20 <= stopped_at < steps and _steps(run) == [stopped_at]
+  _run(args + ["--resume"], check_rc=0)
+  resumed, reference = _records(metrics), _records(straight / "metrics.jsonl")
+  assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+
+
+def test_checkpoints_are_kept_at_the_default_interval_and_keep_must_be_positive(corpus, tmp_path):
+  out = _run(_args(corpus, tmp_path, 250), check_rc=0)
+  assert _steps(tmp_path) == [200, 250]  # default ckpt.interval 100, ckpt.keep 2
+  last = out.stdout.strip().splitlines()[-1]
+  assert str(tmp_path / "ckpt") in last and str(tmp_path / "metrics.jsonl") in last
+  for keep in (0, -1):
+    bad = _run(_args(corpus, tmp_path / f"k{keep}", 5, **{"ckpt.keep": keep}), check_rc=2)
+    assert "ckpt.keep" in bad.stderr.splitlines()[-1]
+
+
+def test_divergence_stops_and_keeps_the_last_finite_checkpoint(corpus, tmp_path):
+  out = _run(_args(corpus, tmp_path, 40, **{"optim.lr": 1000, "ckpt.interval": 2,
+                                            "ckpt.keep": 2}), check_rc=3)
+  assert out.stderr.splitlines()[-1].startswith("error: diverged")
+  kept = _steps(tmp_path)
+  assert kept and max(kept) < 40
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    for step in kept:
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))["state"]
+      assert all(np.all(np.isfinite(np.asarray(x))) for x in
+                 __import__("jax").tree.leaves(state["params"]))
+
+
+def test_skip_mode_skips_non_finite_steps_up_to_a_bound(corpus, tmp_path):
+  out = _run(_args(corpus, tmp_path, 40, **{"optim.lr": 1000, "train.on_nan": "skip",
+                                            "train.max_skips": 3}), check_rc=3)
+  assert "train.on_nan=skip" in out.stderr.splitlines()[-1]
+  records = _records(tmp_path / "metrics.jsonl")
+  assert sum(r.get("skipped", 0) for r in records) == 4  # 3 skipped, the 4th stops the run
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path):
+  _run(_args(corpus, tmp_path, 20, **{"ckpt.interval": 10}), check_rc=0)
+  for item in (tmp_path / "ckpt" / "20" / "state").rglob("*"):
+    if item.is_file():
+      item.write_bytes(b"garbage")
+  out = _run(_args(corpus, tmp_path, 30, **{"ckpt.interval": 10}) + ["--resume"], check_rc=0)
+  assert "checkpoint 20" in out.stderr and "unreadable" in out.stderr and "step 10" in out.stderr
+  assert (tmp_path / "ckpt" / "20.unreadable").exists()  # kept for inspection
+  assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == list(range(1, 31))
+
+
+def test_resume_with_another_optimizer_is_refused_before_restoring(corpus, tmp_path):
+  _run(_args(corpus, tmp_path, 5), check_rc=0)
+  out = _run(_args(corpus, tmp_path, 10, **{"optim.name": "mada"}) + ["--resume"], check_rc=2)
+  assert "optim.name" in out.stderr.splitlines()[-1] and "Traceback" not in out.stderr
+
+
+def test_metrics_file_is_not_overwritten_by_a_new_run(corpus, tmp_path):
+  _run(_args(corpus, tmp_path, 5), check_rc=0)
+  before = (tmp_path / "metrics.jsonl").read_text()
+  out = _run(_args(corpus, tmp_path, 5, **{"ckpt.dir": str(tmp_path / "other")}), check_rc=2)
+  assert "log.overwrite" in out.stderr.splitlines()[-1]
+  assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("setting", [
+    "optim.lr=-0.003", "optim.lr=abc", "optim.lr=nan", "optim.clip=-1", "optim.min_lr_ratio=-3",
+    "eval.interval=0", "ckpt.interval=0", "model.compute_dtype=bogus", "train.batch_size=true",
+    "optim.kwargs.b1=1.5", "train.on_nan=ignore", "model.remat=all", "train.grad_accum=3"])
+def test_bad_settings_give_one_error_line(corpus, tmp_path, setting):
+  out = _run(_args(corpus, tmp_path, 5, **{"optim.name": "ademamix"}) + ["--set", setting],
+             check_rc=2)
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith("error: ") and "Traceback" not in out.stderr
+  assert setting.split("=")[0].split(".")[-1] in lines[-1], lines[-1]
+
+
+def test_help_lists_every_config_key_with_its_default():
+  from experiments.lm import train as train_lib  # pylint: disable=import-outside-toplevel
+  out = _run(["--help"], check_rc=0).stdout
+  for key, value in train_lib.DEFAULTS.items():
+    assert f"{key} = {value!r}" in out

@@ -1,0 +1,49 @@
+"""Compiles a training step for TPU topologies without a TPU; prints JSON (run by test_scale.py).
+
+    python tests/tpu_probe.py CONFIG TOPOLOGY [KEY=VALUE ...]
+
+Reports the per-chip FLOPs and temporaries of the step (one microbatch, compiled without the
+collective-matmul loops so that the cost analysis counts every matmul), whether any HLO value has
+the global batch as its leading dimensions (a replicated activation), and whether every optimizer
+state leaf of a parameter's shape carries that parameter's sharding in the compiled step.
+"""
+import json
+import re
+import sys
+
+import jax
+
+from experiments.lm import aot
+from experiments.lm import train as train_lib
+
+
+def main(config, topology, *overrides):
+  cfg = train_lib.build_config(config, list(overrides))
+  program = train_lib.build_train_step(cfg, aot.topology_devices(topology))
+  with jax.set_mesh(program.mesh):
+    compiled = program.step.lower(program.abstract_state, *program.abstract_batch()).compile(
+        compiler_options=aot.COUNTING_OPTIONS)
+  hlo = compiled.as_text()
+  batch, seq = program.micro_batch, cfg["train.seq_len"]
+  replicated = sorted(set(re.findall(rf"\w+\[{batch},{seq}[,\]][^ ]*", hlo)))
+  state_out = compiled.output_shardings[0]
+  params = program.abstract_state["params"]
+  by_shape = {}
+  for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(state_out["params"])):
+    by_shape.setdefault(leaf.shape, set()).add(sharding.spec)
+  mismatched = [f"{leaf.shape}: {sharding.spec}" for leaf, sharding in zip(
+      jax.tree.leaves(program.abstract_state["opt_state"]),
+      jax.tree.leaves(state_out["opt_state"]))
+      if leaf.shape in by_shape and sharding.spec not in by_shape[leaf.shape]]
+  sharded_params = sum(any(s is not None for s in sharding.spec)
+                       for sharding in jax.tree.leaves(state_out["params"]))
+  print(json.dumps({
+      "flops": compiled.cost_analysis()["flops"],
+      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+      "replicated_batch_values": replicated[:10], "mismatched_state": mismatched,
+      "sharded_params": sharded_params, "opt_state_leaves": len(jax.tree.leaves(state_out)),
+  }))
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
