@@ -18,7 +18,12 @@ import optax
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation (at construction time; traced values and schedules are not checked).
+# Validation (at construction time). Learning-rate schedules are checked at the probe steps
+# below (0, the usual warmup ends and horizons); other schedules and traced values are only known
+# at run time and pass unchecked.
+
+SCHEDULE_PROBE_STEPS = sorted({0, *(10 ** k for k in range(7)), *(2 ** k for k in range(1, 21)),
+                               *(k * 10 ** e for k in (2, 3, 5) for e in range(2, 6))})
 
 
 def _concrete_float(value: Any) -> float | None:
@@ -43,8 +48,11 @@ def check_range(name: str, value: Any, lo: float | None = None, hi: float | None
                 lo_open: bool = False, hi_open: bool = False) -> None:
   """Raise ValueError naming ``name`` unless ``value`` is finite and inside the interval.
 
-  Schedules and traced values are accepted unchecked (they are only known at run time).
+  Schedules and traced values are accepted unchecked (see :func:`check_learning_rate`). A string
+  raises TypeError: it is not a number, even when it reads like one.
   """
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"`{name}` must be a number or a schedule, got the string {value!r}.")
   v = _concrete_float(value)
   if v is None:
     return
@@ -58,6 +66,20 @@ def check_range(name: str, value: Any, lo: float | None = None, hi: float | None
     ok = v < hi if hi_open else v <= hi
   if not ok:
     raise ValueError(f"`{name}` must be finite and in {interval}, got {value!r}.")
+
+
+def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
+  """A learning rate: finite and >= 0; a schedule must be so at every ``SCHEDULE_PROBE_STEPS``
+  step (one that cannot be called with a plain step count is accepted unchecked)."""
+  check_range(name, value, 0.0)
+  if not callable(value):
+    return
+  for step in SCHEDULE_PROBE_STEPS:
+    try:
+      at_step = value(step)
+    except Exception:  # pylint: disable=broad-except
+      return
+    check_range(f"{name} (schedule at step {step})", at_step, 0.0)
 
 
 def check_beta(name: str, value: Any) -> None:
@@ -174,7 +196,7 @@ def full_optimizer(direction: optax.GradientTransformation,
                    learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0,
                    mask: Any = None) -> optax.GradientTransformationExtraArgs:
   """The aliases' pattern: direction, decoupled weight decay, then ``-learning_rate``."""
-  check_range("learning_rate", learning_rate, 0.0)
+  check_learning_rate(learning_rate)
   check_nonnegative("weight_decay", weight_decay)
   return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask),
                      optax.scale_by_learning_rate(learning_rate))

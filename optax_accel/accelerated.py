@@ -127,7 +127,7 @@ def accsgd(
 
   Canonical: beta = zeta*A, a = delta, b = (1-zeta)(c*xi - 1)*delta (exact, tested).
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_learning_rate(learning_rate)
   C.check_range("kappa", kappa, 0.0, lo_open=True)
   C.check_range("xi", xi, 0.0, lo_open=True)
   C.check_range("small_const", small_const, 0.0, lo_open=True)
@@ -157,7 +157,7 @@ def mass_sgd(
 
   Canonical: beta = (1-alpha)/(1+alpha), a = eta, b = eta*(1/kappa_tilde - alpha)/(1+alpha).
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_learning_rate(learning_rate)
   C.check_range("alpha", alpha, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_range("kappa_tilde", kappa_tilde, 0.0, lo_open=True)
   beta = (1.0 - alpha) / (1.0 + alpha)
@@ -184,7 +184,7 @@ def agnes(
   The parameters optax sees are the extrapolated points x' (where gradients are taken).
   Canonical: beta = rho, a = eta, b = alpha*rho.
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_learning_rate(learning_rate)
   C.check_range("correction_lr", correction_lr, 0.0)
   C.check_beta("momentum", momentum)
   return optax.chain(

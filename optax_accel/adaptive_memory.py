@@ -312,7 +312,7 @@ def am_sgd(
   ``weight_decay`` that the paper's MGD baseline uses (spec §8.8). ``lr_ratio``: use
   eta_{t-1}/eta_t in the gap estimate when ``learning_rate`` is a schedule.
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_learning_rate(learning_rate)
   C.check_nonnegative("weight_decay", weight_decay)
   return optax.chain(
       optax.add_decayed_weights(weight_decay) if not C.is_static_zero(weight_decay)

@@ -56,7 +56,8 @@ class HypergradientState(NamedTuple):
   inner_state: optax.OptState
 
   def diagnostics(self) -> dict[str, jax.Array]:
-    return {**self.hyperparams, **{f"hypergrad/{k}": v for k, v in self.hypergradients.items()}}
+    return {**{f"learned/{k}": v for k, v in self.hyperparams.items()},
+            **{f"hypergrad/{k}": v for k, v in self.hypergradients.items()}}
 
 
 def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Optional
 
 import optax
 
+from optax_accel import _common as C
 from optax_accel.adaptive_memory import am_adamw, am_sgd
 from optax_accel.accelerated import accelerated_sgd, accsgd, agnes, mass_sgd
 from optax_accel.ademamix import ademamix, simplified_ademamix
@@ -21,6 +24,30 @@ class _Entry:
   dtype_arg: Optional[str]  # keyword that sets the dtype of the large state buffers
 
 
+def _validated(factory: Callable[..., optax.GradientTransformation], betas=(),
+               nonnegative=()) -> Callable[..., optax.GradientTransformation]:
+  """``factory`` (one of optax's own) with our construction-time checks of its arguments."""
+  signature = inspect.signature(factory)
+
+  @functools.wraps(factory)
+  def build(*args, **kwargs):
+    arguments = signature.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    C.check_learning_rate(arguments.arguments["learning_rate"])
+    for name in betas:
+      C.check_beta(name, arguments.arguments[name])
+    for name in nonnegative:
+      C.check_nonnegative(name, arguments.arguments[name])
+    return factory(*arguments.args, **arguments.kwargs)
+
+  return build
+
+
+_adamw = _validated(optax.adamw, ("b1", "b2"), ("eps", "eps_root", "weight_decay"))
+_lion = _validated(optax.lion, ("b1", "b2"), ("weight_decay",))
+
+
+@functools.partial(_validated, betas=("momentum",))
 def _sgd(learning_rate, momentum=0.9, nesterov=False, *, accumulator_dtype=None):
   """optax.sgd with heavy-ball momentum 0.9 by default (``nesterov`` optional)."""
   return optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov,
@@ -34,9 +61,9 @@ def _agnes(learning_rate, correction_lr=None, momentum=0.99, *, mu_dtype=None):
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "adamw": _Entry(optax.adamw, "mu_dtype"),
+    "adamw": _Entry(_adamw, "mu_dtype"),
     "sgd": _Entry(_sgd, "accumulator_dtype"),
-    "lion": _Entry(optax.lion, "mu_dtype"),
+    "lion": _Entry(_lion, "mu_dtype"),
     "accelerated_sgd": _Entry(accelerated_sgd, "mu_dtype"),
     "accsgd": _Entry(accsgd, "mu_dtype"),
     "mass_sgd": _Entry(mass_sgd, "mu_dtype"),

@@ -81,7 +81,7 @@ def schedule_free_wrapper(
     r: polynomial averaging power.
     state_dtype: dtype of z (default: the params' dtype).
   """
-  C.check_range("learning_rate", learning_rate, 0.0)
+  C.check_learning_rate(learning_rate)
   C.check_range("b1", b1, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_nonnegative("weight_lr_power", weight_lr_power)
   C.check_nonnegative("r", r)
@@ -151,9 +151,19 @@ def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> op
     raise ValueError("No ScheduleFreeState found in `state`: not a schedule-free optimizer.")
   is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   for sf in states:
-    params = jax.tree.map(
-        lambda z, y, b=sf.b1: y if is_masked(z) else ((y - (1 - b) * z) / b).astype(y.dtype),
-        sf.z, params, is_leaf=is_masked)
+    b = jax.tree.leaves(sf.b1)[0]  # a scalar, possibly wrapped (e.g. in a Flax NNX variable)
+
+    def average(z, y, b=b):
+      return y if is_masked(z) else ((y - (1 - b) * z) / b).astype(y.dtype)
+
+    z_leaves = jax.tree.leaves(sf.z, is_leaf=is_masked)
+    y_leaves, treedef = jax.tree.flatten(params)
+    if len(z_leaves) != len(y_leaves):
+      raise ValueError(f"`params` has {len(y_leaves)} leaves, the schedule-free state "
+                       f"{len(z_leaves)}: not the parameters this optimizer was built for.")
+    # Paired leaf by leaf, so that containers of another type (e.g. flax.nnx.Optimizer's
+    # OptVariable-wrapped state next to Param-wrapped parameters) need not match.
+    params = jax.tree.unflatten(treedef, [average(z, y) for z, y in zip(z_leaves, y_leaves)])
   return params
 
 

@@ -297,7 +297,10 @@ def test_frozen_gives_the_learned_coefficients():
   assert coeffs["b1"] == pytest.approx(float(state.hyperparams["b1"]))
   oa.scale_by_mada(**coeffs)  # MADA-FS re-runs them as a fixed optimizer
   diag = oa.get_diagnostics(state)
-  assert {"b1", "rho", "hypergrad/rho"} <= set(diag)
+  assert {"learned/b1", "learned/rho", "hypergrad/rho"} <= set(diag)
+  injected = oa.get_diagnostics(optax.inject_hyperparams(oa.mada, static_args="freeze_steps")(
+      learning_rate=0.01, b1=0.9).init(x0))
+  assert {"b1", "learned/b1"} <= set(injected) and "b1_1" not in injected  # no name collision
   with pytest.raises(ValueError, match="HypergradientState"):
     oa.frozen(optax.adam(1e-3).init(x0))
 

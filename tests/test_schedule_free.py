@@ -278,3 +278,36 @@ def test_update_without_params_raises():
 def test_bad_input(call, arg):
   with pytest.raises(ValueError, match=arg):
     call()
+
+
+def test_eval_params_and_diagnostics_under_flax_nnx_optimizer():
+  """flax.nnx.Optimizer wraps the state in OptVariables and the parameters in Params: the
+  averaged x and the diagnostics are those of the plain optax run."""
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.dense(x)
+
+  model, x = Model(nnx.Rngs(0)), jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+  tx = oa.schedule_free_adamw(1e-2, warmup_steps=2)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+  for _ in range(3):
+    grads = nnx.grad(loss)(model)
+    updates, state = tx.update(nnx.to_pure_dict(grads), state, params)
+    params = optax.apply_updates(params, updates)
+    optimizer.update(model, grads)
+  expected = oa.schedule_free_eval_params(state, params)
+  got = oa.schedule_free_eval_params(optimizer.opt_state, nnx.state(model, nnx.Param))
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  diagnostics = oa.get_diagnostics(optimizer.opt_state)
+  for key, value in oa.get_diagnostics(state).items():
+    assert float(jnp.asarray(jax.tree.leaves(diagnostics[key])[0])) == pytest.approx(float(value))

@@ -56,7 +56,7 @@ def _steps(tmp_path):
 def test_signal_saves_and_resume_is_bitwise_identical(corpus, tmp_path, sig):
   """A signal mid-run finishes the step, saves, exits 128+signum with a one-line hint; --resume
   then gives exactly the metrics of an uninterrupted run."""
-  steps = 1500
+  steps = 400
   straight = tmp_path / "straight"
   _run(_args(corpus, straight, steps, **{"ckpt.interval": 10_000}), check_rc=0)
   run = tmp_path / "run"

@@ -66,7 +66,7 @@ def run(opt, steps: int):
     updates, state = opt.update(jnp.array([slope]), state, x)
     x_next = jnp.clip(optax.apply_updates(x, updates), -1.0, 1.0)
     diagnostics = oa.get_diagnostics(state)
-    learned = {k: diagnostics.get(k, jnp.nan) for k in LEARNED}
+    learned = {k: diagnostics.get(f"learned/{k}", jnp.nan) for k in LEARNED}
     return (x_next, state), (x[0], regret, learned)
 
   x0 = jnp.zeros(1)
