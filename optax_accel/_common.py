@@ -144,6 +144,17 @@ def warmup_fraction(count: jax.Array, warmup_steps: int) -> jax.Array:
   return jnp.minimum(as_float(count) / max(warmup_steps, 1), 1.0)
 
 
+def mix(weight: Any, a: Any, b: Any) -> Any:
+  """weight a + (1 - weight) b, exactly a at weight 1 and b at weight 0 even where the other
+  operand is infinite (no 0 * inf = NaN: an overflowing g^2 saturates as in optax's Adam)."""
+  if is_static(weight, 1.0):
+    return a
+  if is_static_zero(weight):
+    return b
+  mixed = weight * a + (1 - weight) * b
+  return jnp.where(weight == 1, a, jnp.where(weight == 0, b, mixed))
+
+
 def scaled(value: Any, factor: Any) -> Any:
   """``value * factor`` for a scalar or a schedule (the result is a scalar or a schedule)."""
   if callable(value):

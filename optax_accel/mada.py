@@ -114,7 +114,7 @@ def scale_by_mada(
       g_hat = gi + b3 * diff
       g_hat2 = g_hat * g_hat
       sign = jnp.sign(g_hat2 - v)
-      g_tilde2 = c * g_hat2 + (1 - c) * (v + g_hat2 * sign)
+      g_tilde2 = C.mix(c, g_hat2, v + g_hat2 * sign)
       m_new = b1 * m + (1 - b1) * gi
       v_new = b2 * v + (1 - b2) * g_tilde2
       numerator = m_new / bc1
@@ -126,7 +126,7 @@ def scale_by_mada(
         out["prev_grad"].append(gi)
       if has_mean:
         vbar_new = (v_new + (t - 1) * vbar) / t
-        second = rho * v_new + (1 - rho) * jax.lax.stop_gradient(vbar_new)
+        second = C.mix(rho, v_new, jax.lax.stop_gradient(vbar_new))
         out["nu_mean"].append(vbar_new)
       else:
         second = v_new
@@ -184,7 +184,7 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
     v_prev = (v - (1 - b2) * gt2) / b2
     g_hat = g + b3 * d
     sign = jnp.sign(g_hat * g_hat - v_prev)
-    mixed = rho * v + (1 - rho) * vbar
+    mixed = C.mix(rho, v, vbar)
     v_hat = mixed / bc2
     big_a = m / bc1 + b3 * n
     denom = jnp.sqrt(v_hat) + eps
