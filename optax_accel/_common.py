@@ -145,14 +145,16 @@ def warmup_fraction(count: jax.Array, warmup_steps: int) -> jax.Array:
 
 
 def mix(weight: Any, a: Any, b: Any) -> Any:
-  """weight a + (1 - weight) b, exactly a at weight 1 and b at weight 0 even where the other
-  operand is infinite (no 0 * inf = NaN: an overflowing g^2 saturates as in optax's Adam)."""
+  """weight a + (1 - weight) b; a static weight of 1 (0) gives exactly a (b) even where the other
+  operand is infinite (no 0 * inf = NaN: an overflowing g^2 saturates as in optax's Adam).
+
+  A dynamic weight (learned, injected) keeps the plain formula, so that its derivative stays
+  a - b at the ends of its range (hypergradients differentiate through it)."""
   if is_static(weight, 1.0):
     return a
   if is_static_zero(weight):
     return b
-  mixed = weight * a + (1 - weight) * b
-  return jnp.where(weight == 1, a, jnp.where(weight == 0, b, mixed))
+  return weight * a + (1 - weight) * b
 
 
 def scaled(value: Any, factor: Any) -> Any:

@@ -36,11 +36,11 @@ def test_overflowing_square_gives_finite_parameters(case, name):
   assert bool(jnp.all(jnp.isfinite(_final_params(name, dtype, value)))), name
 
 
-def test_mix_is_exact_at_its_endpoints_with_infinite_operands():
+def test_mix_is_exact_at_static_endpoints_and_differentiable():
   from optax_accel import _common as C  # pylint: disable=import-outside-toplevel
   inf = jnp.array([jnp.inf, 1.0])
-  for weight in (1.0, jnp.array(1.0)):
-    assert jnp.array_equal(C.mix(weight, jnp.array([2.0, 3.0]), inf), jnp.array([2.0, 3.0]))
-  for weight in (0.0, jnp.array(0.0)):
-    assert jnp.array_equal(C.mix(weight, inf, jnp.array([2.0, 3.0])), jnp.array([2.0, 3.0]))
+  assert jnp.array_equal(C.mix(1.0, jnp.array([2.0, 3.0]), inf), jnp.array([2.0, 3.0]))
+  assert jnp.array_equal(C.mix(0.0, inf, jnp.array([2.0, 3.0])), jnp.array([2.0, 3.0]))
+  # A dynamic weight keeps d/dweight = a - b (hypergradients), even at the ends of its range.
+  assert jax.grad(lambda w: C.mix(w, 2.0, 5.0))(jnp.array(1.0)) == -3.0
   assert jax.jit(C.mix)(0.25, jnp.array(4.0), jnp.array(8.0)) == 7.0
