@@ -262,7 +262,7 @@ def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   fsdp = n if cfg["mesh.fsdp"] == -1 else cfg["mesh.fsdp"]
-  if not isinstance(fsdp, int) or isinstance(fsdp, bool) or fsdp < 1 or n % fsdp:
+  if not _is_int(fsdp) or fsdp < 1 or n % fsdp:
     raise ConfigError(f"mesh.fsdp must divide the {n} devices (or be -1: all), "
                       f"got {cfg['mesh.fsdp']!r}")
   auto = (jax.sharding.AxisType.Auto,) * 2  # GSPMD, guided by constraints at block boundaries
@@ -310,7 +310,7 @@ def gradient_accumulation(cfg, n_devices: int) -> int:
       raise ConfigError("train.grad_accum=auto needs train.device_batch (sequences per device "
                         f"per microbatch), got {per_device!r}")
     accum = max(1, batch // (per_device * n_devices))
-  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1 or batch % accum:
+  if not _is_int(accum) or accum < 1 or batch % accum:
     raise ConfigError(f"train.grad_accum must be 'auto' or a positive integer dividing "
                       f"train.batch_size {batch}, got {accum!r}")
   if (batch // accum) % n_devices:
@@ -544,10 +544,16 @@ def open_metrics(cfg, resume: bool, start: int):
     with open(path, "w") as f:
       f.writelines(kept)
     return open(path, "a")
-  if not resume and os.path.exists(path) and not cfg["log.overwrite"]:
+  refuse_existing_metrics(cfg, resume)
+  return open(path, "w")
+
+
+def refuse_existing_metrics(cfg, resume: bool):
+  """A new run does not overwrite a metrics file unless log.overwrite is set."""
+  path = cfg["log.metrics"]
+  if path and not resume and os.path.exists(path) and not cfg["log.overwrite"]:
     raise ConfigError(f"{path} already exists; choose another log.metrics or set "
                       "log.overwrite=true (nothing was overwritten)")
-  return open(path, "w")
 
 
 @jax.jit
@@ -580,9 +586,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
                             "choose a new ckpt.dir (nothing was overwritten)")
   elif resume:
     raise CheckpointError("--resume needs ckpt.dir")
-  if not resume and cfg["log.metrics"] and os.path.exists(cfg["log.metrics"]) and not cfg[
-      "log.overwrite"]:
-    open_metrics(cfg, resume, 0)  # raises before any work is done
+  refuse_existing_metrics(cfg, resume)  # before any work is done
 
   with jax.set_mesh(mesh), StopSignals() as signals:
     state = restore(cfg, manager, ocp, program.abstract_state) if resume else program.init()
