@@ -194,7 +194,22 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
 
 
 def leaf_vdot(x: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.sum((x * y).astype(jnp.promote_types(x.dtype, jnp.float32)))
+  """sum(x * y), the products formed in float32 or wider (no f16/bf16 overflow of x * y)."""
+  acc = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+  return jnp.sum(x.astype(acc) * y.astype(acc))
+
+
+def saturating_square(x: jax.Array) -> jax.Array:
+  """x * x, saturated at the dtype's largest finite value instead of overflowing to inf.
+
+  Used for squared-gradient terms that later meet a convex mix or a difference, where an inf
+  would give 0 * inf or inf - inf = NaN: a saturated second moment only shrinks the step."""
+  return jnp.minimum(x * x, jnp.finfo(x.dtype).max)
+
+
+def saturate(x: jax.Array) -> jax.Array:
+  """min(x, the dtype's largest finite value): keeps a non-negative moment finite."""
+  return jnp.minimum(x, jnp.finfo(x.dtype).max)
 
 
 def fused_sums(terms: list) -> tuple:

@@ -93,7 +93,9 @@ def _am_core(grads, d, precond, decay, params, *, lam, beta_min, beta_max, resta
     delta = dd - g
     metric = 1.0 / (p * (1.0 + lam * p))
     step_direction = dd / p  # (x_{t-1} - x_t) / eta_{t-1}
-    terms = [g * step_direction, delta * metric * (g + lam * p * dd), delta * metric * delta]
+    # delta.M(g + lam P d), written so that an overflowing P (v = inf) gives 0, not inf * 0.
+    terms = [g * step_direction, delta * (metric * g + lam * dd / (1.0 + lam * p)),
+             delta * metric * delta]
     if decay is not None:
       mu_x = decay[i] * acc(params[i])
       terms += [g * mu_x, mu_x * delta]
@@ -280,7 +282,9 @@ def scale_by_am_adam(
     precond = [p * jnp.where(r, (1 - beta_max) / c, 1.0)
                for r, p, c in zip(restarted, precond, correction)]
     prods = [jnp.where(r, 1.0, bp) * b for r, bp, b in zip(restarted, prods, betas)]
-    new_d = [((1 - b) * gi + k * (lam * p + b) * di) / (1 + lam * p)
+    # d_{t+1} = ((1 - b) g + (lam P + b) d) / (1 + lam P) = d + (1 - b)(g - d) / (1 + lam P):
+    # the second form stays finite when P overflows to inf (then d_{t+1} = d, a zero step).
+    new_d = [k * di + (1 - b) * (gi - k * di) / (1 + lam * p)
              for gi, di, p, b, k in zip(g, d, precond, betas, keep)]
     # Materialise d_{t+1} once: otherwise XLA recomputes it from d_t inside the parameter
     # update, which forces a copy of the donated d_t buffer (measured: 2x slower on CPU).

@@ -19,7 +19,8 @@ under sharding). ``tangents="closed_form"`` (option C) asks the inner optimizer 
 <g_{t+1}, d Delta_t / d q> directly from its post-update state (``WithHypergradients``, e.g.
 ``mada_optimizer(..., closed_form_hypergradients=True)``): no tangents, no linearisation.
 Non-finite hypergradients skip the hyper-update for that step (q and the hyper-optimizer state
-stay as they were).
+stay as they were); the step is counted in ``nonfinite_skips`` and its hypergradients are stored
+(and logged) as 0, so learned values and their diagnostics are never NaN.
 """
 from __future__ import annotations
 
@@ -50,14 +51,16 @@ class HypergradientState(NamedTuple):
   """State of ``hypergradient_wrapper``."""
   count: jax.Array
   hyperparams: dict  # the learned values, already projected onto their domain
-  hypergradients: dict  # h_t of the last step (before clipping)
+  hypergradients: dict  # h_t of the last step (before clipping); 0 where h_t was not finite
   hyper_state: optax.OptState
   tangents: dict  # name -> d Delta_{t-1} / d q_name, param-shaped
   inner_state: optax.OptState
+  nonfinite_skips: jax.Array  # hyper-steps skipped because a hypergradient was not finite
 
   def diagnostics(self) -> dict[str, jax.Array]:
     return {**{f"learned/{k}": v for k, v in self.hyperparams.items()},
-            **{f"hypergrad/{k}": v for k, v in self.hypergradients.items()}}
+            **{f"hypergrad/{k}": v for k, v in self.hypergradients.items()},
+            "hypergrad/nonfinite_skips": self.nonfinite_skips}
 
 
 def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,
@@ -179,7 +182,7 @@ def hypergradient_wrapper(
           hypergradients={n: jnp.zeros([], dtype) for n in learnable},
           hyper_state=hyper_opt.init(q),
           tangents={} if closed_form else {n: optax.tree.zeros_like(params) for n in learnable},
-          inner_state=build(q).init(params))
+          inner_state=build(q).init(params), nonfinite_skips=C.count_init())
 
     def update_fn(updates, state, params=None, **extra_args):
       # 1. h_t = <g_t, d Delta_{t-1} / d q>, a global reduction per name.
@@ -192,8 +195,8 @@ def hypergradient_wrapper(
       # 2-3. hyper-step (skipped while frozen or when any h is not finite), then projection.
       step, hyper_state = hyper_opt.update(h, state.hyper_state, state.hyperparams)
       candidate = {n: jnp.clip(state.hyperparams[n] + step[n], *boxes[n]) for n in learnable}
-      ok = jnp.logical_and(state.count >= freeze_steps,
-                           jnp.all(jnp.stack([jnp.isfinite(v) for v in h.values()])))
+      finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in h.values()]))
+      ok = jnp.logical_and(state.count >= freeze_steps, finite)
       q = {n: jnp.where(ok, candidate[n], state.hyperparams[n]) for n in learnable}
       hyper_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), hyper_state,
                                  state.hyper_state)
@@ -213,8 +216,10 @@ def hypergradient_wrapper(
       new_updates = C.cast_like(new_updates, updates)
       inner_state = C.cast_like(inner_state, state.inner_state)
       return new_updates, HypergradientState(
-          count=optax.safe_increment(state.count), hyperparams=q, hypergradients=h,
-          hyper_state=hyper_state, tangents=tangents, inner_state=inner_state)
+          count=optax.safe_increment(state.count), hyperparams=q,
+          hypergradients={n: jnp.where(jnp.isfinite(v), v, 0.0) for n, v in h.items()},
+          hyper_state=hyper_state, tangents=tangents, inner_state=inner_state,
+          nonfinite_skips=state.nonfinite_skips + jnp.logical_not(finite).astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -112,20 +112,22 @@ def scale_by_mada(
                                          flat(state.lion_mu)):
       diff = gi - gp if has_adan else 0.0
       g_hat = gi + b3 * diff
-      g_hat2 = g_hat * g_hat
+      # Squares and second moments saturate at the dtype's max (C.saturating_square): with a
+      # learned (traced) c or rho, an inf would meet 0 * inf or inf - inf in the mixes.
+      g_hat2 = C.saturating_square(g_hat)
       sign = jnp.sign(g_hat2 - v)
-      g_tilde2 = C.mix(c, g_hat2, v + g_hat2 * sign)
+      g_tilde2 = C.saturate(C.mix(c, g_hat2, C.saturate(v + g_hat2 * sign)))
       m_new = b1 * m + (1 - b1) * gi
-      v_new = b2 * v + (1 - b2) * g_tilde2
+      v_new = C.saturate(b2 * v + (1 - b2) * g_tilde2)
       numerator = m_new / bc1
       if has_adan:
-        n_prev = n + first * gi * gi if n_init_g_squared else n  # the code's lazy n_0 = g_1^2
+        n_prev = n + first * C.saturating_square(gi) if n_init_g_squared else n  # lazy n_0 = g_1^2
         n_new = b3 * n_prev + (1 - b3) * diff
         numerator = numerator + b3 * (n_new / (1 - b3**t) if bias_correct_n else n_new)
         out["adan"].append(n_new)
         out["prev_grad"].append(gi)
       if has_mean:
-        vbar_new = (v_new + (t - 1) * vbar) / t
+        vbar_new = vbar + (v_new - vbar) / t  # = (v_new + (t - 1) vbar) / t, without overflow
         second = C.mix(rho, v_new, jax.lax.stop_gradient(vbar_new))
         out["nu_mean"].append(vbar_new)
       else:
@@ -183,7 +185,8 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
     vbar = v if vbar is None else vbar  # rho is fixed at 1
     v_prev = (v - (1 - b2) * gt2) / b2
     g_hat = g + b3 * d
-    sign = jnp.sign(g_hat * g_hat - v_prev)
+    g_hat2 = C.saturating_square(g_hat)
+    sign = jnp.sign(g_hat2 - v_prev)
     mixed = C.mix(rho, v, vbar)
     v_hat = mixed / bc2
     big_a = m / bc1 + b3 * n
@@ -202,7 +205,7 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
         "b2": lambda: u_v * (rho * (v - gt2) / (b2 * bc2) + mixed * t * b2**(t - 1) / bc2**2),
         "b3": lambda: u_a * (2 * n - d) + u_v * dv_dg2 * 2 * g_hat * d * (c + (1 - c) * sign),
         "rho": lambda: u_v * (v - vbar) / bc2,
-        "c": lambda: u_v * dv_dg2 * (g_hat * g_hat - v_prev - g_hat * g_hat * sign),
+        "c": lambda: u_v * dv_dg2 * (g_hat2 - v_prev - g_hat2 * sign),
     }
     sums = C.fused_sums([g_next * partials[k]() for k in names])
     totals = {k: totals[k] + s for k, s in zip(names, sums)}

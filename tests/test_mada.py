@@ -279,8 +279,10 @@ def test_projection_freeze_and_nan():
   before = state
   _, after = opt.update(jnp.full_like(x0, jnp.nan), state, x)
   for name in ("b1", "b2"):
-    assert not np.isfinite(float(after.hypergradients[name]))
+    assert float(after.hypergradients[name]) == 0.0  # logged as 0, not NaN
     assert float(after.hyperparams[name]) == float(before.hyperparams[name])
+  assert int(before.nonfinite_skips) == 0 and int(after.nonfinite_skips) == 1
+  assert oa.get_diagnostics(after)["hypergrad/nonfinite_skips"] == 1
 
 
 def test_frozen_gives_the_learned_coefficients():
