@@ -214,7 +214,7 @@ def test_warmup_first_step_is_not_a_noop():
   opt = oa.schedule_free_adamw(1.0, warmup_steps=10)
   updates, state = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
   assert float(optax.tree.norm(updates)) > 0
-  assert float(oa.get_diagnostics(state)["sf_learning_rate"]) == pytest.approx(0.1)
+  assert float(oa.get_diagnostics(state)["sf_max_learning_rate"]) == pytest.approx(0.1)
 
 
 def test_abstract_init_of_wrapper():
