@@ -132,7 +132,7 @@ def scale_by_ademamix(
 
   def init_fn(params):
     return ScaleByAdEMAMixState(
-        count=C.count_init(), b3=C.scalar(0.0), alpha=C.scalar(0.0),
+        count=C.count_init(), b3=C.recorded_init(b3), alpha=C.recorded_init(alpha),
         m1=C.zeros(params, mu_dtype) if has_m1 else None,
         m2=C.zeros(params, mu_dtype), nu=C.zeros(params, mu_dtype))
 
@@ -152,7 +152,8 @@ def scale_by_ademamix(
     direction = jax.tree.map(lambda f, s, d, u: ((f + alpha_t * s) / d).astype(u.dtype),
                              fast, m2, denom, updates)
     return direction, ScaleByAdEMAMixState(
-        count=count, b3=C.scalar(b3_t), alpha=C.scalar(alpha_t),
+        count=count, b3=C.recorded(b3, b3_t, state.b3),
+        alpha=C.recorded(alpha, alpha_t, state.alpha),
         m1=C.cast_like(m1, state.m1) if has_m1 else None,
         m2=C.cast_like(m2, state.m2), nu=C.cast_like(nu, state.nu))
 
@@ -233,7 +234,7 @@ def scale_by_simplified_ademamix(
 
   def init_fn(params):
     return ScaleBySimplifiedAdEMAMixState(
-        count=C.count_init(), b1=C.scalar(0.0), alpha=C.scalar(0.0),
+        count=C.count_init(), b1=C.recorded_init(b1), alpha=C.recorded_init(alpha),
         momentum_sum=C.scalar(0.0), m=C.zeros(params, mu_dtype), nu=C.zeros(params, mu_dtype))
 
   def update_fn(updates, state, params=None):
@@ -249,7 +250,8 @@ def scale_by_simplified_ademamix(
     direction = jax.tree.map(lambda g, mm, d: ((alpha_t * g + mm) / (d * norm)).astype(g.dtype),
                              updates, m, denom)
     return direction, ScaleBySimplifiedAdEMAMixState(
-        count=count, b1=C.scalar(b1_t), alpha=C.scalar(alpha_t),
+        count=count, b1=C.recorded(b1, b1_t, state.b1),
+        alpha=C.recorded(alpha, alpha_t, state.alpha),
         momentum_sum=C.scalar(momentum_sum), m=C.cast_like(m, state.m),
         nu=C.cast_like(nu, state.nu))
 
