@@ -63,12 +63,23 @@ class HypergradientState(NamedTuple):
             "hypergrad/nonfinite_skips": self.nonfinite_skips}
 
 
+def per_name(value: Any, names: Sequence[str], defaults: Optional[dict] = None) -> dict:
+  """A per-name setting as a dict: a dict updates ``defaults``, a scalar applies to every name,
+  None keeps ``defaults``."""
+  out = dict(defaults or {})
+  if isinstance(value, dict):
+    out.update(value)
+  elif value is not None:
+    out.update({n: value for n in names})
+  return out
+
+
 def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,
                  clip: Optional[float] = 10.0) -> optax.GradientTransformation:
   """The official code's hyper-optimizer over a dict of scalars: clip each h to |h| <= ``clip``
   (h * min(1, clip / (|h| + 1e-6))), heavy-ball momentum b = momentum b + h (b_0 = 0), then
   q <- q - hyper_lr[name] * b. ``hyper_lr``: a float or a dict name -> float."""
-  rates = hyper_lr if isinstance(hyper_lr, dict) else {n: hyper_lr for n in names}
+  rates = per_name(hyper_lr, names)
   stages = []
   if clip is not None:
     stages.append(optax.stateless(lambda h, p=None: jax.tree.map(
@@ -78,12 +89,11 @@ def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,
   return optax.chain(*stages)
 
 
-def _validate(inner_factory, learnable, hyper_lr, domain, freeze_steps, bound):
+def _validate(inner_factory, learnable, rates, domain, freeze_steps, bound):
   params = inspect.signature(inner_factory).parameters
   for name in learnable:
     if name not in params:
       raise ValueError(f"`learnable` name {name!r} is not an argument of {inner_factory.__name__}.")
-  rates = hyper_lr if isinstance(hyper_lr, dict) else {n: hyper_lr for n in learnable}
   for name in learnable:
     if name not in rates:
       raise ValueError(f"`hyper_lr` has no entry for {name!r}.")
@@ -104,6 +114,30 @@ def _validate(inner_factory, learnable, hyper_lr, domain, freeze_steps, bound):
     if not lo <= float(value) <= hi:
       raise ValueError(f"The initial value of {name!r} ({value}) is outside its `domain` "
                        f"[{lo}, {hi}].")
+
+
+def _hyper_step(h, state, hyper_opt, boxes, freeze_steps):
+  """Steps 2-3: one hyper-optimizer step on q, projected onto the boxes; skipped (q and the
+  hyper-optimizer state kept) while frozen or when any h is not finite.
+  Returns (q, hyper_state, finite)."""
+  step, hyper_state = hyper_opt.update(h, state.hyper_state, state.hyperparams)
+  finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in h.values()]))
+  ok = jnp.logical_and(state.count >= freeze_steps, finite)
+  q = {n: jnp.where(ok, jnp.clip(v + step[n], *boxes[n]), v)
+       for n, v in state.hyperparams.items()}
+  hyper_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), hyper_state,
+                             state.hyper_state)
+  return q, hyper_state, finite
+
+
+def _update_with_tangents(inner_update, q, old_tangents):
+  """Step 4 with stored tangents: the inner update at q and d(update)/dq_name for every name,
+  by one linearisation in q (forward mode). Returns (updates, inner_state, tangents)."""
+  new_updates, linear, inner_state = jax.linearize(inner_update, q, has_aux=True)
+  tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype) for m in q}),
+                             old_tangents[n])
+              for n in q}
+  return new_updates, inner_state, tangents
 
 
 def hypergradient_wrapper(
@@ -160,9 +194,10 @@ def hypergradient_wrapper(
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     values = dict(bound.arguments)
-    _validate(inner_factory, learnable, hyper_lr, domain, freeze_steps, values)
+    rates = per_name(hyper_lr, learnable)
+    _validate(inner_factory, learnable, rates, domain, freeze_steps, values)
     fixed = {k: v for k, v in values.items() if k not in learnable}
-    hyper_opt = hyper_optimizer or per_name_sgd(hyper_lr, learnable, momentum=hyper_momentum,
+    hyper_opt = hyper_optimizer or per_name_sgd(rates, learnable, momentum=hyper_momentum,
                                                 clip=hypergrad_clip)
     boxes = {n: (domain or {}).get(n, (-jnp.inf, jnp.inf)) for n in learnable}
 
@@ -192,14 +227,8 @@ def hypergradient_wrapper(
       else:
         h = {n: C.tree_vdot(updates, state.tangents[n]) for n in learnable}
       h = {n: jnp.asarray(h[n], state.hyperparams[n].dtype) for n in learnable}
-      # 2-3. hyper-step (skipped while frozen or when any h is not finite), then projection.
-      step, hyper_state = hyper_opt.update(h, state.hyper_state, state.hyperparams)
-      candidate = {n: jnp.clip(state.hyperparams[n] + step[n], *boxes[n]) for n in learnable}
-      finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in h.values()]))
-      ok = jnp.logical_and(state.count >= freeze_steps, finite)
-      q = {n: jnp.where(ok, candidate[n], state.hyperparams[n]) for n in learnable}
-      hyper_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), hyper_state,
-                                 state.hyper_state)
+      q, hyper_state, finite = _hyper_step(h, state, hyper_opt, boxes, freeze_steps)
+
       # 4. the parameter update with the new q (linearised in q for the next hypergradient).
       def inner_update(q_):
         return tuple(build(q_).update(updates, state.inner_state, params, **extra_args))
@@ -207,10 +236,8 @@ def hypergradient_wrapper(
       if closed_form:
         (new_updates, inner_state), tangents = inner_update(q), {}
       else:
-        new_updates, linear, inner_state = jax.linearize(inner_update, q, has_aux=True)
-        tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype)
-                                           for m in learnable}), state.tangents[n])
-                    for n in learnable}
+        new_updates, inner_state, tangents = _update_with_tangents(inner_update, q,
+                                                                   state.tangents)
       # Traced hyperparameters can promote the inner state and updates (optax casts with the
       # betas' dtype); keep both dtype-stable.
       new_updates = C.cast_like(new_updates, updates)

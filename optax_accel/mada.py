@@ -30,7 +30,7 @@ import optax
 
 from optax_accel import _common as C
 from optax_accel.hypergradient import (
-    HypergradientState, WithHypergradients, hypergradient_wrapper)
+    HypergradientState, WithHypergradients, hypergradient_wrapper, per_name)
 
 _V_INIT = 1e-15  # the official code's initial v and vbar
 
@@ -248,8 +248,12 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
   if not closed_form_hypergradients:
     return full
   coefficients = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)  # the learned ones = q
-  return WithHypergradients(full.init, full.update, lambda state, next_grads, q: (
-      mada_hypergradients(state[0], next_grads, coefficients, learning_rate, tuple(q), eps=eps)))
+  def hypergradients(state, next_grads, q):
+    (mada_state,) = C.find_states(state, ScaleByMadaState)
+    return mada_hypergradients(mada_state, next_grads, coefficients, learning_rate, tuple(q),
+                               eps=eps)
+
+  return WithHypergradients(full.init, full.update, hypergradients)
 
 
 # The official code's projection boxes (spec §1.1) and hyper-learning rates (OWT runs, §2.3).
@@ -286,13 +290,9 @@ def mada(
   tangents.
   """
   learned = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)
-  rates = dict(MADA_HYPER_LR)
-  if isinstance(hyper_lr, dict):
-    rates.update(hyper_lr)
-  elif hyper_lr is not None:
-    rates = {k: hyper_lr for k in rates}
   return hypergradient_wrapper(
-      mada_optimizer, learnable=tuple(learned), hyper_lr=rates, domain=MADA_DOMAIN,
+      mada_optimizer, learnable=tuple(learned),
+      hyper_lr=per_name(hyper_lr, tuple(learned), MADA_HYPER_LR), domain=MADA_DOMAIN,
       hyper_momentum=hyper_momentum, freeze_steps=freeze_steps, tangents="closed_form",
       static_args=("mask", "eps", "mu_dtype"))(
           learning_rate, weight_decay=weight_decay, mask=mask, eps=eps, mu_dtype=mu_dtype,

@@ -1,4 +1,4 @@
-"""Name -> optimizer factory, for scripts, sweeps and the shared test suite."""
+"""Name -> :class:`OptimizerSpec` (factory and facts), for scripts, sweeps and tests."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +19,37 @@ from optax_accel.schedule_free import (
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class OptimizerSpec:
+  """What a script needs to know about a registered optimizer, without guessing from its name.
+
+  Attributes:
+    name: the registry name.
+    factory: ``factory(learning_rate, **kwargs)`` builds the full optimizer.
+    state_dtype_arg: keyword that sets the dtype of the large state buffers (``mu_dtype``,
+      ``state_dtype``, ...), or None.
+    owns_warmup: takes ``warmup_steps`` itself and wants a constant ``learning_rate``
+      (Schedule-Free: the averaging weights depend on the learning rate it sees).
+    schedule_free: the parameters it trains are the gradient point y; evaluate and export
+      ``schedule_free_eval_params(state, params)`` instead.
+    learns_hyperparameters: learns coefficients during training (hypergradients), so its
+      state holds a ``HypergradientState``.
+    takes_weight_decay, takes_mask: whether the factory has ``weight_decay`` / a decay ``mask``
+      (read off its signature).
+  """
+  name: str
   factory: Callable[..., optax.GradientTransformation]
-  dtype_arg: Optional[str]  # keyword that sets the dtype of the large state buffers
+  state_dtype_arg: Optional[str] = "mu_dtype"
+  owns_warmup: bool = False
+  schedule_free: bool = False
+  learns_hyperparameters: bool = False
+
+  @property
+  def takes_weight_decay(self) -> bool:
+    return "weight_decay" in inspect.signature(self.factory).parameters
+
+  @property
+  def takes_mask(self) -> bool:
+    return "mask" in inspect.signature(self.factory).parameters
 
 
 def _validated(factory: Callable[..., optax.GradientTransformation], betas=(),
@@ -60,35 +88,60 @@ def _agnes(learning_rate, correction_lr=None, momentum=0.99, *, mu_dtype=None):
                momentum, mu_dtype=mu_dtype)
 
 
-_REGISTRY: dict[str, _Entry] = {
-    "adamw": _Entry(_adamw, "mu_dtype"),
-    "sgd": _Entry(_sgd, "accumulator_dtype"),
-    "lion": _Entry(_lion, "mu_dtype"),
-    "accelerated_sgd": _Entry(accelerated_sgd, "mu_dtype"),
-    "accsgd": _Entry(accsgd, "mu_dtype"),
-    "mass_sgd": _Entry(mass_sgd, "mu_dtype"),
-    "agnes": _Entry(_agnes, "mu_dtype"),
-    "schedule_free_sgd": _Entry(schedule_free_sgd, "state_dtype"),
-    "schedule_free_adamw": _Entry(schedule_free_adamw, "state_dtype"),
-    "schedule_free_ademamix": _Entry(schedule_free_ademamix, "state_dtype"),
-    "ademamix": _Entry(ademamix, "mu_dtype"),
-    "simplified_ademamix": _Entry(simplified_ademamix, "mu_dtype"),
-    "mars_adamw": _Entry(mars_adamw, "mu_dtype"),
-    "mars_lion": _Entry(mars_lion, "mu_dtype"),
-    "am_sgd": _Entry(am_sgd, "mu_dtype"),
-    "am_adamw": _Entry(am_adamw, "mu_dtype"),
-    "avgrad": _Entry(avgrad, "mu_dtype"),
-    "mada": _Entry(mada, "mu_dtype"),
-    "hyperadam": _Entry(hyperadam, "mu_dtype"),
-}
+def _check_spec(spec: OptimizerSpec) -> None:
+  """The keywords a spec names must be arguments of its factory."""
+  parameters = inspect.signature(spec.factory).parameters
+  if spec.owns_warmup and "warmup_steps" not in parameters:
+    raise ValueError(f"OptimizerSpec {spec.name!r}: `owns_warmup` but the factory has no "
+                     "`warmup_steps`.")
+  if spec.state_dtype_arg is not None and spec.state_dtype_arg not in parameters:
+    raise ValueError(f"OptimizerSpec {spec.name!r}: the factory has no `{spec.state_dtype_arg}`.")
 
 
-def register(name: str, factory: Callable[..., optax.GradientTransformation],
+def _specs(*specs: OptimizerSpec) -> dict[str, OptimizerSpec]:
+  for spec in specs:
+    _check_spec(spec)
+  return {spec.name: spec for spec in specs}
+
+
+_SCHEDULE_FREE = dict(state_dtype_arg="state_dtype", owns_warmup=True, schedule_free=True)
+_REGISTRY: dict[str, OptimizerSpec] = _specs(
+    OptimizerSpec("adamw", _adamw),
+    OptimizerSpec("sgd", _sgd, "accumulator_dtype"),
+    OptimizerSpec("lion", _lion),
+    OptimizerSpec("accelerated_sgd", accelerated_sgd),
+    OptimizerSpec("accsgd", accsgd),
+    OptimizerSpec("mass_sgd", mass_sgd),
+    OptimizerSpec("agnes", _agnes),
+    OptimizerSpec("schedule_free_sgd", schedule_free_sgd, **_SCHEDULE_FREE),
+    OptimizerSpec("schedule_free_adamw", schedule_free_adamw, **_SCHEDULE_FREE),
+    OptimizerSpec("schedule_free_ademamix", schedule_free_ademamix, **_SCHEDULE_FREE),
+    OptimizerSpec("ademamix", ademamix),
+    OptimizerSpec("simplified_ademamix", simplified_ademamix),
+    OptimizerSpec("mars_adamw", mars_adamw),
+    OptimizerSpec("mars_lion", mars_lion),
+    OptimizerSpec("am_sgd", am_sgd),
+    OptimizerSpec("am_adamw", am_adamw),
+    OptimizerSpec("avgrad", avgrad),
+    OptimizerSpec("mada", mada, learns_hyperparameters=True),
+    OptimizerSpec("hyperadam", hyperadam, learns_hyperparameters=True),
+)
+
+
+def register(spec_or_name: OptimizerSpec | str,
+             factory: Optional[Callable[..., optax.GradientTransformation]] = None,
              dtype_arg: Optional[str] = "mu_dtype") -> None:
-  """Adds an optimizer ``factory(learning_rate, **kwargs)`` under ``name``."""
-  if name in _REGISTRY:
-    raise ValueError(f"`name` {name!r} is already registered.")
-  _REGISTRY[name] = _Entry(factory, dtype_arg)
+  """Adds an optimizer: ``register(OptimizerSpec(...))`` or ``register(name, factory)``.
+
+  Raises:
+    ValueError: the name is already registered, or a flag contradicts the factory's signature.
+  """
+  spec = spec_or_name if isinstance(spec_or_name, OptimizerSpec) else OptimizerSpec(
+      spec_or_name, factory, dtype_arg)
+  if spec.name in _REGISTRY:
+    raise ValueError(f"`name` {spec.name!r} is already registered.")
+  _check_spec(spec)
+  _REGISTRY[spec.name] = spec
 
 
 def list_optimizers() -> list[str]:
@@ -96,9 +149,15 @@ def list_optimizers() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> _Entry:
+def get_spec(name: str) -> OptimizerSpec:
+  """The :class:`OptimizerSpec` of optimizer ``name``.
+
+  Raises:
+    ValueError: unknown ``name`` (the message lists the valid ones).
+  """
   if name not in _REGISTRY:
-    raise ValueError(f"Unknown optimizer `name` {name!r}; valid names: {', '.join(list_optimizers())}.")
+    raise ValueError(f"Unknown optimizer `name` {name!r}; valid names: "
+                     f"{', '.join(list_optimizers())}.")
   return _REGISTRY[name]
 
 
@@ -110,9 +169,9 @@ def get_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs: An
     ValueError: unknown ``name`` (the message lists the valid ones) or invalid hyperparameters.
     TypeError: a keyword the optimizer does not take.
   """
-  return _entry(name).factory(learning_rate, **kwargs)
+  return get_spec(name).factory(learning_rate, **kwargs)
 
 
 def state_dtype_argument(name: str) -> Optional[str]:
   """The keyword of optimizer ``name`` that sets its state dtype (``mu_dtype``, ...)."""
-  return _entry(name).dtype_arg
+  return get_spec(name).state_dtype_arg

@@ -165,6 +165,13 @@ def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> op
   return params
 
 
+def is_schedule_free(state: optax.OptState) -> bool:
+  """True when ``state`` (possibly nested in chain / inject_hyperparams / masked / MultiSteps
+  states) holds a ``ScheduleFreeState``: its parameters are the gradient point y, and
+  :func:`schedule_free_eval_params` gives the ones to evaluate and export."""
+  return bool(C.find_states(state, ScheduleFreeState))
+
+
 def _with_warmup(learning_rate: optax.ScalarOrSchedule, warmup_steps: int):
   """PyTorch's schedule-free warmup: gamma * min(1, t / warmup_steps) at the 1-based step t."""
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)

@@ -100,7 +100,7 @@ def test_convergence(name, problem):
 
 
 def _inject(name):
-  factory = oa.registry._entry(name).factory  # pylint: disable=protected-access
+  factory = oa.get_spec(name).factory
   sig = inspect.signature(factory)
   static = tuple(n for n, p in sig.parameters.items()
                  if isinstance(p.default, int) and not isinstance(p.default, bool))
@@ -256,7 +256,7 @@ def test_invalid_learning_rate(name, bad):
 
 @pytest.mark.parametrize("name", sorted(set(NAMES) - OPTAX_OWN))
 def test_invalid_beta_named(name):
-  sig = inspect.signature(oa.registry._entry(name).factory)  # pylint: disable=protected-access
+  sig = inspect.signature(oa.get_spec(name).factory)
   betas = [n for n in ("b1", "b2", "beta", "momentum") if n in sig.parameters]
   for beta_name in betas:
     with pytest.raises(ValueError, match=beta_name):

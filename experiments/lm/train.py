@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -212,7 +211,7 @@ def model_config(cfg) -> model_lib.ModelConfig:
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
   peak, warmup, steps = cfg["optim.lr"], cfg["optim.warmup"], cfg["train.steps"]
-  if cfg["optim.schedule"] == "constant" or cfg["optim.name"].startswith("schedule_free"):
+  if cfg["optim.schedule"] == "constant" or oa.get_spec(cfg["optim.name"]).owns_warmup:
     return optax.warmup_constant_schedule(0.0, peak, max(warmup, 1)) if warmup else (
         optax.constant_schedule(peak))
   return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(steps, warmup + 1),
@@ -232,17 +231,16 @@ def decay_mask(params, mode: str):
 def make_optimizer(cfg, params) -> optax.GradientTransformation:
   """The registry optimizer with the run's schedule, decay mask and clipping."""
   name = cfg["optim.name"]
-  entry = oa.registry._entry(name)  # pylint: disable=protected-access
-  signature = inspect.signature(entry.factory).parameters
+  spec = oa.get_spec(name)
   kwargs = dict(cfg["optim.kwargs"])
   schedule = learning_rate_schedule(cfg)
-  if name.startswith("schedule_free"):  # warmup is the optimizer's own (PyTorch semantics)
+  if spec.owns_warmup:  # e.g. Schedule-Free: the warmup is the optimizer's own
     kwargs.setdefault("warmup_steps", cfg["optim.warmup"])
     schedule = cfg["optim.lr"]
-  if "weight_decay" in signature:
+  if spec.takes_weight_decay:
     kwargs.setdefault("weight_decay", 0.0 if cfg["optim.decay"] == "none"
                       else cfg["optim.weight_decay"])
-  if "mask" in signature and cfg["optim.decay"] == "matrices":
+  if spec.takes_mask and cfg["optim.decay"] == "matrices":
     kwargs.setdefault("mask", decay_mask(params, "matrices"))
   try:
     opt = oa.get_optimizer(name, schedule, **kwargs)
@@ -417,7 +415,7 @@ def build_train_step(cfg, devices=None) -> TrainStep:
 
   def eval_loss(state, inputs, targets):
     params = state["params"]
-    if is_schedule_free(state["opt_state"]):
+    if oa.is_schedule_free(state["opt_state"]):
       params = oa.schedule_free_eval_params(state["opt_state"], params)
     return jnp.mean(jax.lax.map(lambda batch: loss_fn(params, *batch), (inputs, targets)))
 
@@ -427,10 +425,6 @@ def build_train_step(cfg, devices=None) -> TrainStep:
       init=jax.jit(init_state, out_shardings=state_sharding),
       step=jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sharding, replicated)),
       eval_loss=jax.jit(eval_loss))
-
-
-def is_schedule_free(opt_state) -> bool:
-  return bool(oa._common.find_states(opt_state, oa.ScheduleFreeState))  # pylint: disable=protected-access
 
 
 def peak_flops(cfg) -> float:

@@ -21,7 +21,6 @@ import numpy as np
 import optax
 
 import optax_accel as oa
-from optax_accel.mada import MADA_DOMAIN
 from experiments import reporting
 
 CHECKPOINTS = (100_000, 200_000, 500_000, 1_000_000, 2_000_000)
@@ -38,7 +37,7 @@ EXPECTED = {
 def methods():
   mada = oa.hypergradient_wrapper(
       oa.mada_optimizer, learnable=("b3", "rho", "c"), hyper_lr=0.1, hyper_momentum=0.9,
-      hypergrad_clip=None, domain={k: MADA_DOMAIN[k] for k in ("b3", "rho", "c")})(
+      hypergrad_clip=None, domain={k: oa.MADA_DOMAIN[k] for k in ("b3", "rho", "c")})(
           1e-3, b1=0.9, b2=0.99, b3=0.0, rho=1.0, c=1.0, gamma=1.0, eps=1e-6)
   # PyTorch's AMSGrad takes the max of the raw second moment (optax's amsgrad the max of the
   # bias-corrected one, whose inflated first values then dominate the max: a different method
