@@ -21,12 +21,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_accel as oa
 
 SIZES = {  # (layers, width, vocab, context)
+    "2block": (2, 768, 8192, 1024),  # GPT-2 124M's block shapes, two blocks (quick compiles)
     "15m": (6, 384, 8192, 256),
     "124m": (12, 768, 50257, 1024),
 }

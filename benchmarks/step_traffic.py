@@ -16,11 +16,11 @@ Writes ``results/benchmarks/step_traffic.{md,csv}``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_accel as oa
@@ -94,6 +94,18 @@ RATIO_TARGETS = {"mada": 3.0, "hyperadam": 1.73, "am_adamw": 1.57, "am_sgd": 1.2
                  "mars_adamw": 1.41, "mars_lion": 1.10, "avgrad": 1.41}
 
 
+# Parameter-sized buffers a reduction pass must read before the update pass can start (the
+# closed-form beta of AM, MARS's per-tensor clip, MADA's closed-form hypergradients).
+REDUCTION_READS = {"am_sgd": 2, "am_adamw": 3, "mars_adamw": 2, "mars_lion": 2,
+                   "hyperadam": 5, "mada": 9}
+
+
+def ideal_hbm_bytes_per_param(name: str, state_buffers: float, itemsize: int = 4) -> float:
+  """Streaming lower bound: params, grads and each state buffer read once, params and state
+  written once, plus the reduction pass's reads."""
+  return itemsize * (3 + 2 * state_buffers + REDUCTION_READS.get(name, 0))
+
+
 def target(name: str, rows: dict, backend: str = "tpu") -> float | None:
   """The bytes-ratio target of optimizer ``name`` (None: no target), given all rows by name."""
   if name in OPTAX_VERSION and name != "adamw":
@@ -113,6 +125,8 @@ def measure(names, params, backends) -> dict:
         row[f"{backend} {key}"] = figures[key]
       row["state bytes/param"] = figures["state_bytes_per_param"]
       row["ideal ratio"] = (3 + 2 * figures["state_buffers"]) / 7
+      row["ideal hbm_bytes_per_param"] = ideal_hbm_bytes_per_param(
+          name, figures["state_buffers"])
     rows[name] = row
     print(row, flush=True)
   for backend in backends:
@@ -128,11 +142,17 @@ def measure(names, params, backends) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="124m", choices=sorted(SIZES))
+  parser.add_argument("--only", nargs="+", default=None, help="these optimizers (and adamw)")
+  parser.add_argument("--json", action="store_true", help="print the rows as JSON, write nothing")
   parser.add_argument("--backends", nargs="+", default=["tpu", "cpu"], choices=("tpu", "cpu"))
   parser.add_argument("--out", default="results/benchmarks/step_traffic")
   args = parser.parse_args(argv)
   params = jax.eval_shape(lambda: gpt2_shaped_params(*SIZES[args.size]))
-  rows = measure(list(factories()), params, args.backends)
+  names = list(factories()) if args.only is None else ["optax.adamw", *args.only]
+  rows = measure(names, params, args.backends)
+  if args.json:
+    print(json.dumps(rows))
+    return
   for name, row in rows.items():
     goal = target(name, rows) if "tpu" in args.backends else None
     row["tpu ratio target"] = goal
@@ -140,16 +160,14 @@ def main(argv=None):
                       "met" if row["tpu ratio"] <= goal else "NOT met")
   reporting.write_table(args.out, list(rows.values()), title=f"Optimizer step traffic, GPT-2 "
                         f"{args.size} shapes (f32), compiler figures", notes=[
-      f"command: `python -m benchmarks.step_traffic --size {args.size} --backends "
-      f"{' '.join(args.backends)}`",
       "step = update + apply, params and state donated; TPU: one v5e chip compiled without a "
       "TPU (libtpu); CPU: XLA:CPU on this machine. Deterministic compiler counts, not timings",
       "bytes_per_param / ratio: the cost analysis's \"bytes accessed\" (counts both sides of "
       "every on-chip staging transfer); hbm_bytes_per_param / hbm ratio: bytes over HBM, each "
       "operand and result once (experiments/hlo_stats.py)",
       "ideal ratio: every parameter-sized buffer read once and written once, (3 + 2 S) / 7 for "
-      "S state buffers per parameter (AdamW: S = 2); methods with a reduction pass (AM, MARS "
-      "clipping, MADA's hypergradients) need one more read of the buffers they reduce over",
+      "S state buffers per parameter (AdamW: S = 2); ideal hbm_bytes_per_param adds the reads "
+      "of a reduction pass (AM's beta, MARS's clip, MADA's hypergradients: REDUCTION_READS)",
       "copies: synchronous copies of parameter-sized buffers; staged: asynchronous transfers "
       "of parameter-sized buffers to or from on-chip memory (memory-space assignment)",
       "tpu ratio target: optax's version x 1.02 where optax has the same algorithm, else the "

@@ -20,7 +20,7 @@ import numpy as np
 
 _ITEMSIZE = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
              "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_ARRAY = re.compile(r"(%s)\[([\d,]*)\](\{[^}]*\})?" % "|".join(_ITEMSIZE))
+_ARRAY = re.compile("({})".format("|".join(_ITEMSIZE)) + r"\[([\d,]*)\](\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?(%\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)")
 _NOT_KERNELS = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 _ASYNC_DONE = ("copy-done", "slice-done")

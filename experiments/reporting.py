@@ -7,7 +7,8 @@ import os
 import platform
 import shlex
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 

@@ -9,13 +9,13 @@ updates already applied (optax's convention), i.e. step t = 1, 2, ... uses ``sch
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 
 # ----------------------------------------------------------------------------------------------
 # Validation (at construction time). Learning-rate schedules are checked at the probe steps

@@ -1,7 +1,7 @@
 """Accelerated SGD in canonical form and its named theoretical variants.
 
 Canonical form (Morwani, Vyas, Zhang, Kakade 2025, "Connections between Schedule-Free Optimizers,
-AdEMAMix, and Accelerated SGD Variants", arXiv:2502.02431; notation of spec/accelerated_sgd.md §1):
+AdEMAMix, and Accelerated SGD Variants", arXiv:2502.02431; notation of docs/accelerated_sgd.md §1):
 
     m_t     = beta_t * m_{t-1} + u_t                     (m_0 = 0, "theory-style" momentum)
     w_{t+1} = w_t - a_t * u_t - b_t * m_t
@@ -15,7 +15,7 @@ so after ``optax.scale_by_learning_rate(eta)``: a = eta * alpha and b = eta * mo
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -38,7 +38,7 @@ def scale_by_accelerated_momentum(
     alpha: optax.ScalarOrSchedule = 1.0,
     *,
     momentum_weight: optax.ScalarOrSchedule = 1.0,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Canonical accelerated momentum: ``m = beta*m + u``; direction ``alpha*u + momentum_weight*m``.
 
@@ -85,7 +85,7 @@ def accelerated_sgd(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Accelerated SGD: w <- w - lr * (alpha*g + m) - lr*wd*w, with m = beta*m + g.
 
@@ -99,7 +99,7 @@ def accelerated_sgd(
 
 
 # ----------------------------------------------------------------------------------------------
-# Named variants: each maps its original recursion onto the canonical form (spec Table 1).
+# Named variants: each maps its original recursion onto the canonical form (docs/accelerated_sgd.md §2).
 
 
 def _accsgd_coefficients(kappa: float, xi: float, small_const: float) -> tuple[float, float]:
@@ -116,7 +116,7 @@ def accsgd(
     xi: float = 10.0,
     small_const: float = 0.7,
     *,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AccSGD of Kidambi, Netrapalli, Jain, Kakade (ICLR 2018), in canonical form.
 
@@ -146,7 +146,7 @@ def mass_sgd(
     alpha: float = 0.05,
     kappa_tilde: float = 12.0,
     *,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MaSS of Liu & Belkin (ICLR 2020), in canonical form.
 
@@ -173,7 +173,7 @@ def agnes(
     correction_lr: float,
     momentum: float = 0.99,
     *,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AGNES of Gupta, Siegel, Wojtowytsch (NeurIPS 2024), in canonical form.
 
@@ -245,7 +245,7 @@ def canonical_coefficients(name: str, **hyperparams: float) -> dict[str, float]:
     u = g; Adam's bias correction and denominator follow.
   * ``ademamix_b1_0`` (learning_rate, b3=0.9999, alpha=5): u = g; divide by sqrt(v_hat)+eps after.
   * ``simplified_ademamix`` (learning_rate, b1=0.99, alpha=0): same preconditioner.
-  * ``schedule_free`` (learning_rate = gamma, b1, c_t, c_next): y-space form of spec §2 at step t
+  * ``schedule_free`` (learning_rate = gamma, b1, c_t, c_next): y-space form of docs/schedule_free.md §2 at step t
     with constant gamma (beta = 1 - c_t, a = (1-b1) gamma, b = b1 c_{t+1} gamma; c_1 := 1).
 
   Raises:

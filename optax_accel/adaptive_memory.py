@@ -1,5 +1,5 @@
 """Adaptive Memory momentum: AM-SGD and AM-AdamW (Topollai & Choromanska, AISTATS 2026,
-arXiv:2510.04988), as reconstructed in spec/adaptive_memory.md.
+arXiv:2510.04988), as reconstructed in docs/adaptive_memory.md.
 
 The momentum coefficient beta_t is the dual multiplier of a two-plane proximal model
 (gradient plane and momentum plane), solved in closed form each step. With a diagonal
@@ -12,25 +12,25 @@ and M = 1 / (P (1 + lam P)):
     direction = d_{t+1} / P
 
 The first term is the first-order estimate of the function-value gap (f(x_{t-1}) - f(x_t))/eta_t
-(spec §2.1), with r = eta_{t-1}/eta_t when the learning-rate schedule is given (``lr_ratio``,
-spec §8.6; r = 1 otherwise). For AM-SGD it simplifies to
+(docs/adaptive_memory.md §2), with r = eta_{t-1}/eta_t when the learning-rate schedule is given
+(``lr_ratio``; r = 1 otherwise). For AM-SGD it simplifies to
 beta = clip((1 + lam) r g.d / ||d - g||^2 - (d - g).(g + lam d) / ||d - g||^2) =
 clip((1 + lam) ||g||^2 / ||d - g||^2 - lam) at r = 1.
 
-AM-AdamW (spec §3): P_t = c_t (sqrt(v_t / (1 - b2^t)) + eps), c_t = 1 - beta_max prod_{i<t} beta_i
+AM-AdamW (docs/adaptive_memory.md §3): P_t = c_t (sqrt(v_t / (1 - b2^t)) + eps), c_t = 1 - beta_max prod_{i<t} beta_i
 (product-of-betas bias correction), v the usual EMA of g^2. The gap uses the current P_t in place of
 P_{t-1} (no extra buffer: state = AdamW's d and v plus scalars).
 
 First step: AM-SGD takes d_0 = g_0 (so d_1 = g_0); AM-AdamW takes d_0 = 0 with beta_1 = beta_max,
 which reproduces AdamW's bias-corrected first step.
-Variants (spec §4): Clip = ``beta_min > 0``; Restart = ``restart_threshold=tau``: beta is fixed at
+Variants (docs/adaptive_memory.md §4): Clip = ``beta_min > 0``; Restart = ``restart_threshold=tau``: beta is fixed at
 beta_max, and whenever the AM coefficient falls below tau the memory restarts as at the first step.
 ``granularity``: "global" (one beta from reductions over all parameters; a cross-device
 all-reduce under sharding) or "per_tensor" (one beta per leaf).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ class AdaptiveMemoryState(NamedTuple):
   beta: Any  # beta_t applied at the last step: a scalar (global) or a pytree of scalars
   restarts: jax.Array  # number of restarts (Restart variant)
   d: optax.Updates  # the momentum / memory direction d_t
-  nu: Optional[optax.Updates]  # second moment (AM-AdamW)
+  nu: optax.Updates | None  # second moment (AM-AdamW)
   beta_prod: Any  # prod of past betas, for the bias correction (AM-AdamW)
   prev_value: jax.Array  # f(x_{t-1}), for gap="exact" (0 otherwise)
 
@@ -132,10 +132,10 @@ def adaptive_memory_momentum(
     *,
     granularity: str = "global",
     beta_min: float = 0.0,
-    restart_threshold: Optional[float] = None,
-    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    restart_threshold: float | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     gap: str = "first_order",
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AM-SGD direction d_{t+1} (module docstring, P = I).
 
@@ -149,7 +149,7 @@ def adaptive_memory_momentum(
       eta_{t-1}/eta_t factor of the gap estimate (None: factor 1), and required by
       ``gap="exact"``.
     gap: "first_order" (the paper's stochastic estimate g.(x_{t-1} - x_t)) or "exact": the
-      deterministic closed form of spec §1.4 with the measured f(x_{t-1}) - f(x_t); then
+      deterministic closed form (paper eq. 12) with the measured f(x_{t-1}) - f(x_t); then
       ``update`` needs the loss at the current params as ``value=`` (global granularity).
     mu_dtype: dtype of the memory buffer d.
   """
@@ -233,9 +233,9 @@ def scale_by_am_adam(
     mask: Any = None,
     granularity: str = "per_tensor",
     beta_min: float = 0.0,
-    restart_threshold: Optional[float] = None,
-    learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    mu_dtype: Optional[Any] = None,
+    restart_threshold: float | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AM-AdamW's preconditioned direction P_t^{-1} d_{t+1} (module docstring).
 
@@ -306,14 +306,14 @@ def am_sgd(
     *,
     granularity: str = "global",
     beta_min: float = 0.0,
-    restart_threshold: Optional[float] = None,
+    restart_threshold: float | None = None,
     lr_ratio: bool = True,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AM-SGD (AM-MGD): x <- x - lr d_{t+1}, EMA-form momentum with adaptive beta_t.
 
   Weight decay is coupled L2 (added to g before beta is computed), as PyTorch SGD's
-  ``weight_decay`` that the paper's MGD baseline uses (spec §8.8). ``lr_ratio``: use
+  ``weight_decay`` that the paper's MGD baseline uses (docs/adaptive_memory.md §2). ``lr_ratio``: use
   eta_{t-1}/eta_t in the gap estimate when ``learning_rate`` is a schedule.
   """
   C.check_learning_rate(learning_rate)
@@ -340,14 +340,14 @@ def am_adamw(
     *,
     granularity: str = "per_tensor",
     beta_min: float = 0.0,
-    restart_threshold: Optional[float] = None,
+    restart_threshold: float | None = None,
     lr_ratio: bool = True,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AM-AdamW: x <- (1 - lr wd) x - lr P^{-1} d_{t+1} (module docstring).
 
   ``beta_max`` defaults to the paper text's 0.9 (a third-party port uses 0.89 = 0.9 - 0.1 lam;
-  spec §8.2). Decoupled weight decay, masked by ``mask``; state = AdamW's (d, v) plus scalars.
+  docs/adaptive_memory.md §3). Decoupled weight decay, masked by ``mask``; state = AdamW's (d, v) plus scalars.
   """
   return C.full_optimizer(
       scale_by_am_adam(b2, eps, lam, beta_max, weight_decay=weight_decay, mask=mask,

@@ -22,7 +22,7 @@ The half-life scheduler uses ln(beta) exactly (PyTorch adds 1e-8 inside the log)
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ class ScaleByAdEMAMixState(NamedTuple):
   count: jax.Array
   b3: jax.Array  # slow-EMA coefficient applied at the last step
   alpha: jax.Array  # slow-EMA weight applied at the last step
-  m1: Optional[optax.Updates]
+  m1: optax.Updates | None
   m2: optax.Updates
   nu: optax.Updates
 
@@ -118,7 +118,7 @@ def scale_by_ademamix(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix direction (module docstring). ``mu_dtype`` sets the dtype of m1, m2 and v.
 
@@ -171,9 +171,9 @@ def ademamix(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
-    alpha_warmup: Optional[int] = None,
-    b3_warmup: Optional[int] = None,
-    mu_dtype: Optional[Any] = None,
+    alpha_warmup: int | None = None,
+    b3_warmup: int | None = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix with decoupled weight decay: w <- w - lr (direction + weight_decay w).
 
@@ -216,10 +216,10 @@ def scale_by_simplified_ademamix(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    b1_warmup: Optional[int] = None,
+    b1_warmup: int | None = None,
     b1_start: float = 0.9,
     bias_correction1: bool = False,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Simplified-AdEMAMix direction (module docstring); one momentum buffer.
 
@@ -268,14 +268,14 @@ def simplified_ademamix(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
     *,
-    b1_warmup: Optional[int] = None,
+    b1_warmup: int | None = None,
     b1_start: float = 0.9,
     bias_correction1: bool = False,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Simplified-AdEMAMix with decoupled weight decay: w <- w - lr (direction + weight_decay w).
 
-  Exact relation (spec §5, tested): AdEMAMix(b1=0, b3, alpha, lr, wd) equals this with
+  Exact relation (docs/ademamix.md §2, tested): AdEMAMix(b1=0, b3, alpha, lr, wd) equals this with
   b1 := b3, alpha := 1/(alpha (1-b3)), lr := lr alpha (1-b3), wd := wd / (alpha (1-b3)).
   """
   return C.full_optimizer(

@@ -6,13 +6,13 @@ x_t = x_{t-1} + Delta_t(q) the full update of the wrapped optimizer, the hypergr
 
     h_t = d f_t(x_{t-1}) / d q = < g_t, d Delta_{t-1} / d q >
 
-with everything but the last update held fixed (spec/mada.md §2.1). Within one step, in the
+with everything but the last update held fixed (docs/mada.md §3). Within one step, in the
 official MADA code's order: h_t from the stored tangents, the hyper-optimizer step on q (default:
 per-name SGD, each |h| clipped to 10), projection onto the domain, then the parameter update with
 the new q and its tangents d Delta_t / d q (forward mode, ``jax.linearize``; measured faster on
 CPU than a vmapped ``jax.jvp``), stored for the next step.
 
-Mechanisms (spec §5): ``tangents="forward"`` (default, any optimizer; option A) stores one tangent
+Mechanisms (docs/mada.md §3): ``tangents="forward"`` (default, any optimizer; option A) stores one tangent
 per learned name (k parameter-sized buffers in the params' dtype) and differentiates the inner
 update forward in q once per step; the hypergradient is then k inner products (a global reduction: an all-reduce
 under sharding). ``tangents="closed_form"`` (option C) asks the inner optimizer for
@@ -25,7 +25,8 @@ stay as they were); the step is counted in ``nonfinite_skips`` and its hypergrad
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ class HypergradientState(NamedTuple):
             "hypergrad/nonfinite_skips": self.nonfinite_skips}
 
 
-def per_name(value: Any, names: Sequence[str], defaults: Optional[dict] = None) -> dict:
+def per_name(value: Any, names: Sequence[str], defaults: dict | None = None) -> dict:
   """A per-name setting as a dict: a dict updates ``defaults``, a scalar applies to every name,
   None keeps ``defaults``."""
   out = dict(defaults or {})
@@ -75,9 +76,9 @@ def per_name(value: Any, names: Sequence[str], defaults: Optional[dict] = None) 
 
 
 def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,
-                 clip: Optional[float] = 10.0) -> optax.GradientTransformation:
-  """The official code's hyper-optimizer over a dict of scalars: clip each h to |h| <= ``clip``
-  (h * min(1, clip / (|h| + 1e-6))), heavy-ball momentum b = momentum b + h (b_0 = 0), then
+                 clip: float | None = 10.0) -> optax.GradientTransformation:
+  """The official code's hyper-optimizer over a dict of scalars: clip each h to ``|h| <= clip``
+  (``h * min(1, clip / (|h| + 1e-6))``), heavy-ball momentum b = momentum b + h (b_0 = 0), then
   q <- q - hyper_lr[name] * b. ``hyper_lr``: a float or a dict name -> float."""
   rates = per_name(hyper_lr, names)
   stages = []
@@ -145,12 +146,12 @@ def hypergradient_wrapper(
     learnable: Sequence[str],
     hyper_lr: Any,
     *,
-    domain: Optional[dict] = None,
-    hyper_optimizer: Optional[optax.GradientTransformation] = None,
+    domain: dict | None = None,
+    hyper_optimizer: optax.GradientTransformation | None = None,
     freeze_steps: int = 0,
     static_args: Sequence[str] = (),
     hyper_momentum: float = 0.0,
-    hypergrad_clip: Optional[float] = 10.0,
+    hypergrad_clip: float | None = 10.0,
     tangents: str = "forward",
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """Wraps ``inner_factory`` so that its ``learnable`` hyperparameters are learned.

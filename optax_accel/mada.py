@@ -1,7 +1,7 @@
 """MADA: the meta-adaptive parameterized optimizer, and AVGrad (Ozkara, Yuan, Cevher, Hauswirth,
 Chen, ICML 2024, arXiv:2401.08893; official code amazon-science/mada_optimizer_search).
 
-One step of ``scale_by_mada`` in the official code's order (spec/mada.md §1.3), t >= 1:
+One step of ``scale_by_mada`` in the official code's order (docs/mada.md §1), t >= 1:
 
     gh   = g + b3 (g - g_prev)
     s    = sign(gh^2 - v_{t-1});   gt2 = c gh^2 + (1 - c)(v_{t-1} + gh^2 s)     (c: Adam <-> Yogi)
@@ -13,7 +13,7 @@ One step of ``scale_by_mada`` in the official code's order (spec/mada.md §1.3),
 
 Vertices: Adam (b3=0, rho=c=gamma=1), AVGrad (rho=0), Yogi-form second moment (c=0), Adan-like
 (b3>0), Lion (gamma=0). The running mean is detached (no hypergradient through it), as in the
-ICML code; v and vbar start at 1e-15 as there. The code's quirks are switches (spec §7.4):
+ICML code; v and vbar start at 1e-15 as there. The code's quirks are switches (docs/mada.md §2):
 ``n_init_g_squared`` (n_0 = g_1^2, default True as the code), ``lion_uses_updated_momentum``
 (default True as the code; False = true Lion ordering), ``bias_correct_n`` (default False as
 the code). Buffers are allocated only for the branches the coefficients can reach: a Python
@@ -22,7 +22,7 @@ the code). Buffers are allocated only for the branches the coefficients can reac
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,11 @@ import optax
 
 from optax_accel import _common as C
 from optax_accel.hypergradient import (
-    HypergradientState, WithHypergradients, hypergradient_wrapper, per_name)
+  HypergradientState,
+  WithHypergradients,
+  hypergradient_wrapper,
+  per_name,
+)
 
 _V_INIT = 1e-15  # the official code's initial v and vbar
 
@@ -40,12 +44,12 @@ class ScaleByMadaState(NamedTuple):
   count: jax.Array
   mu: optax.Updates  # m
   nu: optax.Updates  # v
-  nu_mean: Optional[optax.Updates]  # vbar (AVGrad running mean)
-  adan: Optional[optax.Updates]  # n
-  prev_grad: Optional[optax.Updates]  # g_{t-1}
-  lion_mu: Optional[optax.Updates]  # m^L
-  grad_diff: Optional[optax.Updates] = None  # g_t - g_{t-1}   (closed-form hypergradients only)
-  g_tilde2: Optional[optax.Updates] = None  # gt2_t            (closed-form hypergradients only)
+  nu_mean: optax.Updates | None  # vbar (AVGrad running mean)
+  adan: optax.Updates | None  # n
+  prev_grad: optax.Updates | None  # g_{t-1}
+  lion_mu: optax.Updates | None  # m^L
+  grad_diff: optax.Updates | None = None  # g_t - g_{t-1}   (closed-form hypergradients only)
+  g_tilde2: optax.Updates | None = None  # gt2_t            (closed-form hypergradients only)
 
 
 def _check_coefficients(b1, b2, b3, rho, c, gamma, eps):
@@ -72,7 +76,7 @@ def scale_by_mada(
     lion_uses_updated_momentum: bool = True,
     bias_correct_n: bool = False,
     hypergradient_buffers: bool = False,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MADA's parameterized direction (module docstring); coefficients are floats or traced.
 
@@ -160,7 +164,7 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
                         learning_rate: Any, names=("b1", "b2", "b3", "rho", "c", "gamma"), *,
                         eps: float = 1e-8, lion_b1: float = 0.95, lion_b2: float = 0.98,
                         lion_uses_updated_momentum: bool = True) -> dict[str, jax.Array]:
-  """h_j = <g_{t+1}, d Delta_t / d q_j> = -lr_t <g_{t+1}, dU_t/dq_j> in closed form (spec §2.2).
+  """h_j = <g_{t+1}, d Delta_t / d q_j> = -lr_t <g_{t+1}, dU_t/dq_j> in closed form (docs/mada.md §3).
 
   ``state`` is the state after step t (built with ``hypergradient_buffers=True``), ``q`` all six
   coefficients used at step t, ``names`` those to differentiate (their buffers must exist:
@@ -214,7 +218,7 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
 
 
 def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-                    mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
+                    mu_dtype: Any | None = None) -> optax.GradientTransformationExtraArgs:
   """AVGrad (MADA paper eq. 5, as the code runs it): Adam with v replaced by the running mean of
   the v EMA, one bias correction (1 - b2^t) on the mean. MADA at rho = 0, b3 = 0, c = gamma = 1;
   state m, v, vbar (12 bytes/param in f32)."""
@@ -223,7 +227,7 @@ def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
 def avgrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
-           mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
+           mu_dtype: Any | None = None) -> optax.GradientTransformationExtraArgs:
   """AVGrad with decoupled weight decay (AdamW-style)."""
   return C.full_optimizer(scale_by_avgrad(b1, b2, eps, mu_dtype=mu_dtype), learning_rate,
                           weight_decay, mask)
@@ -233,7 +237,7 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
                    b3: Any = 0.0, rho: Any = 1.0, c: Any = 1.0, gamma: Any = 1.0,
                    weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
                    eps: float = 1e-8, closed_form_hypergradients: bool = False,
-                   mu_dtype: Optional[Any] = None) -> optax.GradientTransformationExtraArgs:
+                   mu_dtype: Any | None = None) -> optax.GradientTransformationExtraArgs:
   """The full MADA step with fixed coefficients: x <- x - lr (direction + weight_decay x).
 
   The inner factory of ``mada`` (whose coefficients are learned), and MADA-FS when called with
@@ -256,7 +260,7 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
   return WithHypergradients(full.init, full.update, hypergradients)
 
 
-# The official code's projection boxes (spec §1.1) and hyper-learning rates (OWT runs, §2.3).
+# The official code's projection boxes and hyper-learning rates (OWT runs; docs/mada.md §4).
 MADA_DOMAIN = {"b1": (0.01, 0.99), "b2": (0.501, 0.99), "b3": (0.0, 0.99), "rho": (0.0, 1.0),
                "c": (0.0, 1.0), "gamma": (0.0, 1.0)}
 MADA_HYPER_LR = {"b1": 5e-4, "b2": 5e-4, "b3": 1e-1, "rho": 1e-1, "c": 1e-1, "gamma": 1e-1}
@@ -274,19 +278,19 @@ def mada(
     mask: Any = None,
     *,
     eps: float = 1e-8,
-    hyper_lr: Optional[Any] = None,
+    hyper_lr: Any | None = None,
     hyper_momentum: float = 0.0,
     freeze_steps: int = 0,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MADA: the six coefficients learned by one-step hypergradient descent (``hypergradient_wrapper``).
 
   Defaults from the paper's GPT-2/OWT setup: hyper-lrs 5e-4 for b1, b2 and 1e-1 for the others
   (``hyper_lr`` overrides, a float or a dict), plain SGD (``hyper_momentum`` 0), each
-  hypergradient clipped to |h| <= 10, the code's boxes (b1 in [.01, .99], b2 in [.501, .99],
+  hypergradient clipped to ``|h| <= 10``, the code's boxes (b1 in [.01, .99], b2 in [.501, .99],
   b3 in [0, .99], rho, c, gamma in [0, 1]). The paper starts from Adam (b3=0, rho=c=gamma=1) on
   Shakespeare and from AVGrad + Adan (rho=0, b3=0.9) on OpenWebText. Hypergradients are the
-  closed forms of spec §2.2 (``mada_hypergradients``): state = MADA's 6 buffers + 2, no stored
+  closed forms of docs/mada.md §3 (``mada_hypergradients``): state = MADA's 6 buffers + 2, no stored
   tangents.
   """
   learned = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)
@@ -310,7 +314,7 @@ def hyperadam(
     hyper_momentum: float = 0.0,
     freeze_steps: int = 0,
     mask: Any = None,
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """HyperAdam: AdamW with b1 and b2 learned by hypergradient descent.
 

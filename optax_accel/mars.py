@@ -17,7 +17,7 @@ The official code routes 1-D parameters to plain AdamW by default; do that with
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class ScaleByMarsState(NamedTuple):
   count: jax.Array
   correction_norm: jax.Array  # global norm of c_t before clipping (0 if clip_scope == "none")
   mu: optax.Updates
-  nu: Optional[optax.Updates]
+  nu: optax.Updates | None
   prev_grad: optax.Updates
 
   def diagnostics(self) -> dict[str, jax.Array]:
@@ -69,7 +69,7 @@ def scale_by_mars(
     variant: str = "adamw",
     clip_threshold: float = 1.0,
     clip_scope: str = "tensor",
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MARS-approx direction (module docstring). ``mu_dtype`` sets m, v and the stored g_{t-1}."""
   C.check_beta("b1", b1)
@@ -126,7 +126,7 @@ def mars_adamw(
     *,
     clip_threshold: float = 1.0,
     clip_scope: str = "tensor",
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MARS-AdamW (official defaults); weight decay lr-coupled as the official code.
 
@@ -147,7 +147,7 @@ def mars_lion(
     *,
     clip_threshold: float = 1.0,
     clip_scope: str = "tensor",
-    mu_dtype: Optional[Any] = None,
+    mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MARS-Lion: sign of the MARS first moment. ``b2`` is validated but unused (the official
   MARS-Lion update has no second moment); kept for a signature parallel to ``mars_adamw``."""

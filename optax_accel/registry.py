@@ -4,18 +4,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
 from optax_accel import _common as C
-from optax_accel.adaptive_memory import am_adamw, am_sgd
 from optax_accel.accelerated import accelerated_sgd, accsgd, agnes, mass_sgd
+from optax_accel.adaptive_memory import am_adamw, am_sgd
 from optax_accel.ademamix import ademamix, simplified_ademamix
 from optax_accel.mada import avgrad, hyperadam, mada
 from optax_accel.mars import mars_adamw, mars_lion
-from optax_accel.schedule_free import (
-    schedule_free_ademamix, schedule_free_adamw, schedule_free_sgd)
+from optax_accel.schedule_free import schedule_free_adamw, schedule_free_ademamix, schedule_free_sgd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class OptimizerSpec:
   """
   name: str
   factory: Callable[..., optax.GradientTransformation]
-  state_dtype_arg: Optional[str] = "mu_dtype"
+  state_dtype_arg: str | None = "mu_dtype"
   owns_warmup: bool = False
   schedule_free: bool = False
   learns_hyperparameters: bool = False
@@ -129,8 +129,8 @@ _REGISTRY: dict[str, OptimizerSpec] = _specs(
 
 
 def register(spec_or_name: OptimizerSpec | str,
-             factory: Optional[Callable[..., optax.GradientTransformation]] = None,
-             dtype_arg: Optional[str] = "mu_dtype") -> None:
+             factory: Callable[..., optax.GradientTransformation] | None = None,
+             dtype_arg: str | None = "mu_dtype") -> None:
   """Adds an optimizer: ``register(OptimizerSpec(...))`` or ``register(name, factory)``.
 
   Raises:
@@ -172,6 +172,6 @@ def get_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs: An
   return get_spec(name).factory(learning_rate, **kwargs)
 
 
-def state_dtype_argument(name: str) -> Optional[str]:
+def state_dtype_argument(name: str) -> str | None:
   """The keyword of optimizer ``name`` that sets its state dtype (``mu_dtype``, ...)."""
   return get_spec(name).state_dtype_arg

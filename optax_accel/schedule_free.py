@@ -10,7 +10,7 @@ learning rate gamma_t, interpolation b1 and z_1 = x_1 = y_1 = w_0:
     c_{t+1} = w_t / sum_{i<=t} w_i,   w_t = t^r * (max_{i<=t} gamma_i)^weight_lr_power
 
 Morwani et al. (arXiv:2502.02431) show this is accelerated SGD at y followed by averaging
-(spec/accelerated_sgd.md §2; tested as an identity in float64):
+(docs/schedule_free.md §2; tested as an identity in float64):
 
     M_t = (1 - c_t) M_{t-1} + gamma_t u_t,   y_{t+1} = y_t - (1-b1) gamma_t u_t - b1 c_{t+1} M_t
     x_{t+1} = (1 - rho_{t+1}) x_t + rho_{t+1} y_{t+1},   rho = c / (1 - b1 + b1 c)
@@ -20,7 +20,7 @@ previous step, which keeps the recursion exact when b1 is scheduled or injected)
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def schedule_free_wrapper(
     weight_lr_power: float = 2.0,
     r: float = 0.0,
     *,
-    state_dtype: Optional[Any] = None,
+    state_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free around a momentum-free base *direction* (e.g. ``optax.scale_by_rms``).
 
@@ -66,7 +66,7 @@ def schedule_free_wrapper(
   included): do not chain ``scale_by_learning_rate`` after it. Params passed to ``update`` are
   the gradient point y; evaluate at ``schedule_free_eval_params(state, params)``.
 
-  Differences from ``optax.contrib.schedule_free`` (each fixes a defect of anchors.md §1.3):
+  Differences from ``optax.contrib.schedule_free`` (docs/schedule_free.md §3):
   ``learning_rate`` is called with the same 0-based count for the z-step and the averaging
   weight (so a warmup's first step is not a no-op when the schedule is positive at 0); the
   averaging weight has PyTorch's ``t**r`` factor; b1 may be scheduled or injected and the value
@@ -195,7 +195,7 @@ def schedule_free_sgd(
     weight_lr_power: float = 2.0,
     *,
     mask: Any = None,
-    state_dtype: Optional[Any] = None,
+    state_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free SGD: u = g + weight_decay * y (decay at y, as the reference code)."""
   return schedule_free_wrapper(
@@ -214,7 +214,7 @@ def schedule_free_adamw(
     weight_lr_power: float = 2.0,
     mask: Any = None,
     *,
-    state_dtype: Optional[Any] = None,
+    state_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free AdamW: u = g / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * y.
 
@@ -243,7 +243,7 @@ def schedule_free_ademamix(
     weight_lr_power: float = 2.0,
     mask: Any = None,
     *,
-    state_dtype: Optional[Any] = None,
+    state_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free around AdEMAMix with b1 = 0 (the base has no fast momentum; SF supplies it).
 

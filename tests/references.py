@@ -1,6 +1,6 @@
 """Plain NumPy float64 references of the papers' recursions, and the test problems.
 
-Each reference is written from the equations in shared/spec, independently of optax_accel.
+Each reference is written from the papers' equations (as in docs/), independently of optax_accel.
 """
 from __future__ import annotations
 

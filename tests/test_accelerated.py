@@ -1,15 +1,15 @@
 """Accelerated SGD: canonical transform and named variants vs NumPy float64 loops of the
-original recursions (spec/accelerated_sgd.md §1.2)."""
+original recursions (docs/accelerated_sgd.md §2)."""
 from __future__ import annotations
 
 import jax
 import numpy as np
 import optax
 import pytest
-
-import optax_accel as oa
 from helpers import max_abs_diff, run_optax
 from references import noisy_quadratic
+
+import optax_accel as oa
 
 STEPS = 200
 TOL = 1e-10

@@ -1,5 +1,5 @@
-"""Adaptive Memory momentum: the closed form (spec §1.4-1.5), AM-SGD / AM-AdamW vs NumPy float64
-loops of spec §2-3, granularity, sharding, variants, bad input."""
+"""Adaptive Memory momentum: the closed form (docs/adaptive_memory.md §1), AM-SGD / AM-AdamW vs NumPy float64
+loops of docs/adaptive_memory.md §2-3, granularity, sharding, variants, bad input."""
 from __future__ import annotations
 
 import jax
@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_accel as oa
 from helpers import max_abs_diff, run_optax, sharded_vs_unsharded
 from references import noisy_quadratic
+
+import optax_accel as oa
 
 STEPS = 200
 TOL = 1e-10

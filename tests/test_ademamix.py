@@ -1,4 +1,4 @@
-"""AdEMAMix and Simplified-AdEMAMix vs NumPy float64 loops of spec §4-5, optax.contrib, the
+"""AdEMAMix and Simplified-AdEMAMix vs NumPy float64 loops of docs/ademamix.md §1-2, optax.contrib, the
 AdEMAMix(b1=0) = Simplified-AdEMAMix identity and the paper schedulers."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_accel as oa
 from helpers import max_abs_diff, run_optax
 from references import half_life_beta, noisy_quadratic
+
+import optax_accel as oa
 
 STEPS = 200
 TOL = 1e-10

@@ -33,7 +33,7 @@ def test_logistic_reproduction(tmp_path):
 
 
 def test_reddi_reproduction(tmp_path):
-  """200k of the paper's 2M steps: the spec's float64 simulation has MADA at x = 0.39 after
+  """200k of the paper's 2M steps: a float64 simulation of the official code has MADA at x = 0.39 after
   100k steps with rho below 0.05 by then, and Adam stuck near +1."""
   from experiments.synthetic import reddi  # pylint: disable=import-outside-toplevel
   rows = {r["method"]: r for r in reddi.main(["--steps", "200000", "--out", str(tmp_path)])}

@@ -79,7 +79,7 @@ def test_loss_falls_on_tiny_preset(corpus, optimizer):
   assert first > 5.0 and summary["train_loss"] < first - 1.5, (first, summary["train_loss"])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "mada"])
+@pytest.mark.parametrize("optimizer", ["adamw"])  # every optimizer's state: the orbax test below
 def test_resume_is_identical_to_not_stopping(corpus, tmp_path, optimizer):
   common = _tiny(corpus, 20, **{"optim.name": optimizer})
   _cli(*common, "--set", f"ckpt.dir={tmp_path / 'a'}", "--set",

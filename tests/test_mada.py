@@ -1,4 +1,4 @@
-"""MADA, AVGrad and the hypergradient wrapper vs NumPy float64 references (spec/mada.md)."""
+"""MADA, AVGrad and the hypergradient wrapper vs NumPy float64 references (docs/mada.md)."""
 from __future__ import annotations
 
 import jax
@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_accel as oa
 from helpers import max_abs_diff, run_optax, sharded_vs_unsharded
 from references import noisy_quadratic
+
+import optax_accel as oa
 
 STEPS = 200
 TOL = 1e-10

@@ -1,4 +1,4 @@
-"""MARS-approx vs a NumPy float64 loop of spec §6, its accelerated-SGD identity, and Lion's."""
+"""MARS-approx vs a NumPy float64 loop of docs/mars.md §1, its accelerated-SGD identity, and Lion's."""
 from __future__ import annotations
 
 import jax
@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_accel as oa
 from helpers import max_abs_diff, run_optax
 from references import noisy_quadratic
+
+import optax_accel as oa
 
 STEPS = 200
 TOL = 1e-10

@@ -1,5 +1,5 @@
 """Schedule-Free: reference z/x/y recursion, optax.contrib, the accelerated-SGD theorem, and the
-four optax defects of anchors.md §1.3."""
+four defects of optax.contrib.schedule_free (docs/schedule_free.md §3)."""
 from __future__ import annotations
 
 import chex
@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import optax_accel as oa
 from helpers import max_abs_diff, run_optax
 from references import noisy_quadratic
+
+import optax_accel as oa
 
 STEPS = 200
 TOL = 1e-10
@@ -153,12 +153,13 @@ def test_theorem_schedule_free_is_accelerated_sgd_plus_averaging(problem, case):
                                        momentum_weight=lambda k: b1 * jnp.asarray(c_next)[k]),
       optax.scale(-1.0))
 
-  def record_with_average(params, state, _box={}):  # pylint: disable=dangerous-default-value
+  averaged = {"x": [np.asarray(w) for w in w0]}  # x_t, carried between calls
+
+  def record_with_average(params, state):
     k = int(state[3].count) - 1  # the canonical transform's count after this step
     rho = c_next[k] / (1 - b1 + b1 * c_next[k])
-    prev = _box.get("x", [np.asarray(w) for w in w0])
-    x = [(1 - rho) * xi + rho * np.asarray(y) for xi, y in zip(prev, params)]
-    _box["x"] = x
+    x = [(1 - rho) * xi + rho * np.asarray(y) for xi, y in zip(averaged["x"], params)]
+    averaged["x"] = x
     return ([np.asarray(y) for y in params], x)
 
   accel = run_optax(accelerated, w0, grad_fn, STEPS, record=record_with_average)
@@ -168,7 +169,7 @@ def test_theorem_schedule_free_is_accelerated_sgd_plus_averaging(problem, case):
 
 
 # ----------------------------------------------------------------------------------------------
-# optax's defects (anchors.md §1.3) are absent; schedule-free specifics of optax's tests.
+# optax.contrib's defects (docs/schedule_free.md §3) are absent; schedule-free specifics of optax's tests.
 
 
 def _params():

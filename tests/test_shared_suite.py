@@ -1,12 +1,11 @@
 """The shared transform suite: every optimizer in the registry, present and future.
 
-Covers the checks optax applies to its contrib optimizers (anchors.md §1.4) plus ours.
+Covers the checks optax applies to its contrib optimizers (optax's own test suite) plus ours.
 An optimizer added to the registry is enrolled automatically; ``CONVERGENCE_LR`` only tunes the
 learning rate of the convergence check (the default is used otherwise).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import chex

@@ -140,7 +140,7 @@ def _report(args, rows, curves):
       f"grid of fixed beta {GRID}; float64; each entry is f - f* averaged over the last 10% "
       "of steps (inf: diverged)",
       "paper (Fig. 3, 9 LIBSVM datasets): AM reaches lower loss than beta=0.9 and than the "
-      "grid-tuned beta without tuning; its numbers were not recoverable (spec §6)"])
+      "grid-tuned beta without tuning; its numbers were not recoverable"])
   plt = reporting.pyplot()
   fig, axes = plt.subplots(2, len(args.datasets), figsize=(4 * len(args.datasets), 7),
                            squeeze=False)

@@ -2,7 +2,7 @@
 
 f(x) = 0.5 sum_i h_i (x_i - 1)^2 with eigenvalues h log-spaced in [1/kappa, 1], deterministic
 gradients, x_0 = 0. Momentum GD in EMA form, d = beta d + (1 - beta) g, x <- x - lr d, for a grid
-of fixed beta, against AM with the exact closed-form beta* (measured f(x_{t-1}), f(x_t); spec §1.4)
+of fixed beta, against AM with the exact closed-form beta* (measured f(x_{t-1}), f(x_t); paper eq. 12)
 and with the paper's first-order approximation. Same learning rate for every method.
 
     python -m experiments.convex.quadratic [--dim 100 --kappa 1000 --steps 500 --lrs 3 10 30]
@@ -88,7 +88,7 @@ def main(argv=None):
       "x0 = 0, f* = 0; lr in units of 1/L; lam = 0.1 for AM; final_gap = f(x_T) - f* "
       "(inf: diverged); steps_to_1e_6 = first step with gap < 1e-6 (empty: never)",
       "paper (Fig. 1): every fixed beta is beaten by AM; the figure's numbers and problem size "
-      "were not recoverable (spec/adaptive_memory.md §6), so there are no published values to "
+      "were not recoverable, so there are no published values to "
       "put beside ours"])
   lr, curves = plotted
   plt = reporting.pyplot()

@@ -82,7 +82,7 @@ PRESETS = {
         "shakespeare-char", {"optim.kwargs.eps": 1e-8}, _mada_grid(),
         metric_note=("paper (MADA Fig. 8, 275-point grid, final train loss): mean Adam 0.812, "
                      "HyperAdam 0.698, MADA 0.684; best Adam 0.604 at (0.875, 0.99), best MADA "
-                     "0.595 at (0.80, 0.99); Adam at (0.99, 0.501): 2.003 (spec/mada.md §6.2)"),
+                     "0.595 at (0.80, 0.99); Adam at (0.99, 0.501): 2.003"),
         cpu={"model": "tiny", "train.steps": 400, "train.batch_size": 16, "train.seq_len": 64,
              "eval.interval": 100, "eval.batches": 8, "optim.warmup": 20}),
     "accel-batch": Preset(
@@ -92,7 +92,7 @@ PRESETS = {
          Run("SF-AdamW", "schedule_free_adamw", 2e-3), Run("MARS-AdamW", "mars_adamw", 3e-3),
          Run("Lion", "lion", 1.5e-4)],
         batch_sizes=(32, 512),
-        metric_note=("Morwani et al. report curves, not numbers (spec/accelerated_sgd.md §8): "
+        metric_note=("Morwani et al. report curves, not numbers: "
                      "accelerated methods lead at small batch, the gap shrinks at large batch, "
                      "SF-AdamW is weak at large batch"),
         cpu={"model": "tiny", "train.steps": 400, "train.seq_len": 64, "eval.interval": 100,

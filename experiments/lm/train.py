@@ -21,12 +21,12 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "tiny-llama": {"model": "tiny-llama"},
-    "shakespeare-char": {  # MADA's Shakespeare setup (spec/mada.md §6.2)
+    "shakespeare-char": {  # MADA's Shakespeare setup (paper §5.3, App. C.2)
         "model": "shakespeare-char", "train.steps": 5000, "train.batch_size": 64,
         "train.seq_len": 256, "optim.lr": 1e-3, "optim.warmup": 100, "optim.min_lr_ratio": 0.1,
         "optim.weight_decay": 0.1, "eval.interval": 250, "eval.batches": 20},
@@ -660,7 +660,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         if signals.received:
           name = signal.Signals(signals.received).name
           raise Interrupted(f"{name} at step {step + 1}: stopped after the step. "
-                            f"{where_saved()}" + (f"; continue with the same command and "
+                            f"{where_saved()}" + ("; continue with the same command and "
                                                   "--resume" if saved["step"] else ""),
                             signals.received)
     finally:

@@ -1,11 +1,11 @@
 """MADA on Reddi et al.'s online convex counter-example (MADA paper, App. C.3, Fig. 9).
 
 f_t(x) = 1010 x if t mod 101 == 1 else -10 x on x in [-1, 1]; the optimum is x* = -1, where Adam
-famously fails. Setup of the official `amsgrad_toy.py` (spec/mada.md §6.1): x_0 = 0, lr 1e-3,
+famously fails. Setup of the official `amsgrad_toy.py` (MADA paper App. C.3): x_0 = 0, lr 1e-3,
 2M steps; MADA starts from Adam (b1 .9, b2 .99, b3 0, rho 1, c 1, gamma 1, eps 1e-6) and learns
 b3, rho and c by hyper-SGD (lr 0.1, momentum 0.9, no clipping); baselines Adam, AMSGrad and AVGrad
 (lr 1e-3, betas (.9, .99), eps 1e-8). Iterates are projected onto [-1, 1] after every step (the
-official code's projection differs, but x never reaches the boundary for MADA; spec §6.1).
+official code's projection differs, but x never reaches the boundary for MADA; see the paper's App. C.3).
 Float64, one lax.scan per method.
 
     python -m experiments.synthetic.reddi [--steps 2000000]
@@ -24,7 +24,7 @@ import optax_accel as oa
 from experiments import reporting
 
 CHECKPOINTS = (100_000, 200_000, 500_000, 1_000_000, 2_000_000)
-# Paper (Fig. 9) and the spec's code-faithful float64 simulation (spec/mada.md §6.1).
+# Paper (Fig. 9) and a float64 simulation of the official toy code (MADA paper App. C.3).
 EXPECTED = {
     "Adam": "x = +1 (stuck from ~100k); regret 0.197",
     "AMSGrad": "x = -0.78 at 1M, -1 at 2M; regret 0.053",
@@ -92,7 +92,7 @@ def main(argv=None):
     row["first step rho < 0.05"] = (int(np.argmax(rhos < 0.05)) + 1 if (rhos < 0.05).any()
                                     else None)
     row[f"avg regret@{args.steps // 1000}k"] = float(regret[-1])
-    row["expected (paper / spec float64 sim)"] = EXPECTED[name]
+    row["expected (paper / float64 sim of the official code)"] = EXPECTED[name]
     rows.append(row)
   stem = os.path.join(args.out, "reddi")
   text = reporting.write_table(stem, rows, title="MADA on the Reddi et al. online problem", notes=[
