@@ -6,28 +6,25 @@ backward only; the gradient is consumed by a cheap reduction); the optimizer sha
 1 - (gradient-only time / full step time). Tokens/s and MFU (6N + attention FLOPs per token,
 peak FLOPs by device kind, or an AVX2 FMA estimate on CPU) come from the full step.
 
-    python benchmarks/lm_step.py                                   # tiny, CPU
-    python benchmarks/lm_step.py --config gpt2-124m --batch 16     # on an accelerator
+    python -m benchmarks.lm_step                                   # tiny, CPU
+    python -m benchmarks.lm_step --config gpt2-124m --batch 16     # on an accelerator
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import pathlib
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo root (experiments/)
+import jax
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from experiments.lm import data as data_lib  # noqa: E402
-from experiments.lm import model as model_lib  # noqa: E402
-from experiments.lm import train as train_lib  # noqa: E402
+from experiments import reporting
+from experiments.lm import data as data_lib
+from experiments.lm import model as model_lib
+from experiments.lm import train as train_lib
 
 OPTIMIZERS = ("adamw", "ademamix", "am_adamw", "mada")
 
@@ -99,26 +96,17 @@ def main(argv=None):
                        mfu=mfu, params=n_params))
       print(rows[-1], file=sys.stderr)
   device = jax.devices()[0]
-  lines = [f"# LM step: {args.config} ({rows[0]['params'] / 1e6:.2f}M parameters)", "",
-           f"- date: {datetime.date.today()}; device: {device.platform} {device.device_kind} x "
-           f"{jax.device_count()}; jax {jax.__version__}",
-           f"- command: `python benchmarks/lm_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-           f"- batch {bs} x {seq} tokens, compute dtype {cfg['model.compute_dtype']}; median of "
-           f"{args.repeats} steps; MFU uses 6N + 12 L d T FLOPs/token and "
-           f"{train_lib.peak_flops(cfg) / 1e9:.0f} GFLOP/s peak per device",
-           "- optimizer share = 1 - (forward+backward time) / (full step time)", "",
-           "| optimizer | step ms | fwd+bwd ms | optimizer share | tokens/s | MFU |",
-           "|---|---|---|---|---|---|"]
-  lines += [f"| {r['optimizer']} | {r['step_ms']:.1f} | {r['grad_ms']:.1f} | "
-            f"{100 * r['optimizer_share']:.1f}% | {r['tokens_per_s']:.0f} | "
-            f"{100 * r['mfu']:.1f}% |" for r in rows]
-  text = "\n".join(lines) + "\n"
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
-  with open(os.path.splitext(args.out)[0] + ".csv", "w") as f:
-    f.write(",".join(rows[0]) + "\n")
-    f.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
+  table = [{"optimizer": r["optimizer"], "step ms": r["step_ms"], "fwd+bwd ms": r["grad_ms"],
+            "optimizer share": r["optimizer_share"], "tokens/s": r["tokens_per_s"],
+            "MFU": r["mfu"]} for r in rows]
+  text = reporting.write_table(
+      os.path.splitext(args.out)[0], table,
+      title=f"LM step: {args.config} ({rows[0]['params'] / 1e6:.2f}M parameters)", notes=[
+          f"device: {device.platform} {device.device_kind} x {jax.device_count()}",
+          f"batch {bs} x {seq} tokens, compute dtype {cfg['model.compute_dtype']}; median of "
+          f"{args.repeats} steps; MFU uses 6N + 12 L d T FLOPs/token and "
+          f"{train_lib.peak_flops(cfg) / 1e9:.0f} GFLOP/s peak per device",
+          "optimizer share = 1 - (forward+backward time) / (full step time)"])
   print(text)
 
 

@@ -6,15 +6,13 @@ comparison) on a GPT-2-shaped parameter pytree: the median time of one jitted st
 ideal bytes moved per parameter (read params and grads, write params, read and write every
 parameter-sized state buffer). Absolute times are printed for context only; compare ratios.
 
-    python benchmarks/optimizer_step.py                 # ~14M parameters (GPT-2 shape, 6x384)
-    python benchmarks/optimizer_step.py --size 124m     # GPT-2 small shape
+    python -m benchmarks.optimizer_step                 # ~14M parameters (GPT-2 shape, 6x384)
+    python -m benchmarks.optimizer_step --size 124m     # GPT-2 small shape
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_accel as oa
+from experiments import reporting
 
 SIZES = {  # (layers, width, vocab, context)
     "2block": (2, 768, 8192, 1024),  # GPT-2 124M's block shapes, two blocks (quick compiles)
@@ -115,7 +114,7 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--steps-per-round", type=int, default=3)
   parser.add_argument("--only", nargs="*", help="registry names to include (adamw always is)")
-  parser.add_argument("--out", default="results/benchmarks/optimizer_step.md")
+  parser.add_argument("--out", default="results/benchmarks/optimizer_step")
   args = parser.parse_args(argv)
 
   params = gpt2_shaped_params(*SIZES[args.size])
@@ -145,40 +144,25 @@ def main(argv=None):
   bandwidth = copy_bandwidth(params)
 
   device = jax.devices()[0]
-  header = [
-      f"# Optimizer step benchmark ({args.size}: {n / 1e6:.1f}M parameters, GPT-2 shapes, f32)",
-      "",
-      f"- date: {datetime.date.today()}; device: {device.platform} {device.device_kind} "
-      f"({os.cpu_count()} CPU threads, {platform.machine()}); jax {jax.__version__}, "
-      f"optax {optax.__version__}",
-      f"- command: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv or sys.argv[1:])}`"
-      .replace(" `", " `").rstrip(),
-      f"- method: median over {args.rounds} interleaved rounds of {args.steps_per_round} jitted "
-      "steps (update + apply, params and state donated); ratios are to optax.adamw in this run.",
-      "- target: time ratio <= 1.10 x (ideal bytes / adamw's ideal bytes). The targets are about "
-      "memory bandwidth on an accelerator; on CPU, XLA runs many optimizers compute- or "
-      "kernel-count-bound and inserts copies where a donated buffer is read after its in-place "
-      "update, so CPU ratios overstate the cost of multi-buffer updates.",
-      f"- measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; adamw achieves "
-      f"{ideal['adamw'] * n / median['adamw'] / 1e9:.1f} GB/s of its ideal traffic.",
-      "",
-      "| optimizer | time / adamw | time / sgd(momentum 0.9) | ideal bytes / adamw | target | "
-      "within target | state bytes/param | ideal bytes/param | median ms (context) |",
-      "|---|---|---|---|---|---|---|---|---|",
-  ]
-  lines = [f"| {r['optimizer']} | {r['time_ratio']:.2f} | {r['sgd_ratio']:.2f} | "
-           f"{r['ideal_ratio']:.2f} | "
-           f"<= {r['target']:.2f} | {'yes' if r['ok'] else 'NO'} | {r['state_bytes']:.1f} | "
-           f"{r['ideal_bytes']:.0f} | {r['median_ms']:.1f} |" for r in rows]
-  text = "\n".join(header + lines) + "\n"
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write(text)
-  with open(os.path.splitext(args.out)[0] + ".csv", "w") as f:
-    f.write(",".join(rows[0]) + "\n")
-    for r in rows:
-      f.write(",".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()) + "\n")
-  plot(rows, os.path.splitext(args.out)[0] + ".png", f"{args.size}, {device.platform}")
+  table = [{"optimizer": r["optimizer"], "time / adamw": r["time_ratio"],
+            "time / sgd(momentum 0.9)": r["sgd_ratio"], "ideal bytes / adamw": r["ideal_ratio"],
+            "target": r["target"], "within target": "yes" if r["ok"] else "NO",
+            "state bytes/param": r["state_bytes"], "ideal bytes/param": r["ideal_bytes"],
+            "median ms (context)": r["median_ms"]} for r in rows]
+  stem = os.path.splitext(args.out)[0]
+  text = reporting.write_table(
+      stem, table, title=f"Optimizer step benchmark ({args.size}: {n / 1e6:.1f}M parameters, "
+      "GPT-2 shapes, f32)", notes=[
+          f"device: {device.platform} {device.device_kind}; optax {optax.__version__}",
+          f"method: median over {args.rounds} interleaved rounds of {args.steps_per_round} "
+          "jitted steps (update + apply, params and state donated); ratios are to optax.adamw "
+          "in this run.",
+          "target: time ratio <= 1.10 x (ideal bytes / adamw's ideal bytes). The targets are "
+          "about memory bandwidth on an accelerator; on CPU, XLA runs many optimizers compute- "
+          "or kernel-count-bound, so CPU ratios overstate the cost of multi-buffer updates.",
+          f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; adamw achieves "
+          f"{ideal['adamw'] * n / median['adamw'] / 1e9:.1f} GB/s of its ideal traffic."])
+  plot(rows, stem + ".png", f"{args.size}, {device.platform}")
   print(text)
 
 

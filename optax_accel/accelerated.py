@@ -42,16 +42,38 @@ def scale_by_accelerated_momentum(
 ) -> optax.GradientTransformationExtraArgs:
   """Canonical accelerated momentum: ``m = beta*m + u``; direction ``alpha*u + momentum_weight*m``.
 
+  Update rule (u the incoming update, m_0 = 0)::
+
+      m_t = beta_t m_{t-1} + u_t
+      direction_t = alpha_t u_t + momentum_weight_t m_t
+
+  After ``optax.scale_by_learning_rate(eta)`` this is accelerated SGD with current weight
+  a = eta alpha and momentum weight b = eta momentum_weight (docs/accelerated_sgd.md §1).
+
   Args:
     beta: momentum coefficient beta_t in [0, 1] (scalar or schedule of the 0-based count).
     alpha: weight of the current direction, relative to ``momentum_weight`` (scalar or schedule).
-    momentum_weight: weight of the momentum m_t (scalar or schedule). Keyword-only extension of
-      the API contract so that variants whose current weight does not divide the momentum weight
-      (b_t = 0, schedules through zero) need no division.
+    momentum_weight: weight of the momentum m_t (scalar or schedule), so that variants whose
+      current weight does not divide the momentum weight (b_t = 0, schedules through zero) need
+      no division.
     mu_dtype: dtype of the momentum buffer; it keeps that dtype after any number of updates.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra ``update`` kwargs are ignored.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.scale_by_accelerated_momentum(beta=0.5, alpha=2.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> direction, state = tx.update(jnp.ones(2), state)
+    >>> direction, state = tx.update(jnp.ones(2), state)
+    >>> print(direction)  # 2 * 1 + (0.5 * 1 + 1)
+    [3.5 3.5]
+
+  References:
+    Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free Optimizers, AdEMAMix, and
+    Accelerated SGD Variants*, arXiv:2502.02431, 2025.
   """
   C.check_range("beta", beta, 0.0, 1.0)
   C.check_range("alpha", alpha)
@@ -87,11 +109,41 @@ def accelerated_sgd(
     *,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Accelerated SGD: w <- w - lr * (alpha*g + m) - lr*wd*w, with m = beta*m + g.
+  """Accelerated SGD: momentum with the current gradient's weight decoupled from beta.
 
-  So a = lr*alpha and b = lr in the canonical form: heavy ball is alpha = 0, Nesterov (step eta)
-  is lr = eta*beta with alpha = 1/beta; accelerated SGD sets alpha independently of beta.
-  Weight decay is decoupled (added after the direction, then scaled by lr).
+  Update rule::
+
+      m_t = beta_t m_{t-1} + g_t
+      w_{t+1} = w_t - lr_t (alpha_t g_t + m_t) - lr_t weight_decay w_t
+
+  In the canonical form a = lr alpha and b = lr: heavy ball is alpha = 0; Nesterov with step eta
+  is lr = eta beta, alpha = 1 / beta; accelerated SGD chooses alpha independently of beta.
+
+  Args:
+    learning_rate: lr (scalar or schedule of the 0-based count).
+    beta: momentum coefficient in [0, 1).
+    alpha: weight of the current gradient relative to the momentum.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    mu_dtype: dtype of the momentum buffer.
+
+  Returns:
+    The full optimizer (direction, weight decay, ``-learning_rate``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.accelerated_sgd(0.1, beta=0.9, alpha=0.5)
+    >>> params = jnp.array([1.0, -2.0])
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(jnp.array([1.0, 1.0]), state, params)
+    >>> print(optax.apply_updates(params, updates))  # w - 0.1 (0.5 g + g)
+    [ 0.85 -2.15]
+
+  References:
+    Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free Optimizers, AdEMAMix, and
+    Accelerated SGD Variants*, arXiv:2502.02431, 2025.
   """
   C.check_beta("beta", beta)
   return C.full_optimizer(scale_by_accelerated_momentum(beta, alpha, mu_dtype=mu_dtype),
@@ -120,12 +172,36 @@ def accsgd(
 ) -> optax.GradientTransformationExtraArgs:
   """AccSGD of Kidambi, Netrapalli, Jain, Kakade (ICLR 2018), in canonical form.
 
-  Original (official code; delta = ``learning_rate``, L = kappa*delta/c, A = 1 - c^2 xi/kappa,
-  B = 1 - A, zeta = c/(c + B)):
+  Update rule of the official code (delta = ``learning_rate``, L = kappa delta / c,
+  A = 1 - c^2 xi / kappa, B = 1 - A, zeta = c / (c + B))::
 
-      wbar_{t+1} = A*wbar_t + B*(w_t - L*g_t),    w_{t+1} = zeta*(w_t - delta*g_t) + (1-zeta)*wbar_{t+1}
+      wbar_{t+1} = A wbar_t + B (w_t - L g_t)
+      w_{t+1} = zeta (w_t - delta g_t) + (1 - zeta) wbar_{t+1}
 
-  Canonical: beta = zeta*A, a = delta, b = (1-zeta)(c*xi - 1)*delta (exact, tested).
+  Canonical: beta = zeta A, a = delta, b = (1 - zeta)(c xi - 1) delta (exact, tested).
+
+  Args:
+    learning_rate: the short step delta (scalar or schedule).
+    kappa: long-step factor (condition-number estimate), > 0.
+    xi: statistical advantage, > 0, with small_const^2 xi <= kappa.
+    small_const: the constant c, > 0.
+    mu_dtype: dtype of the momentum buffer.
+
+  Returns:
+    The full optimizer.
+
+  Raises:
+    ValueError: non-positive kappa, xi or small_const, or small_const^2 xi > kappa.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> coeffs = oa.canonical_coefficients("accsgd")
+    >>> print(round(coeffs["beta"], 4), round(coeffs["b"] / coeffs["a"], 4))
+    0.9882 0.0417
+
+  References:
+    Kidambi, Netrapalli, Jain, Kakade, *On the insufficiency of existing momentum schemes for
+    Stochastic Optimization*, ICLR 2018.
   """
   C.check_learning_rate(learning_rate)
   C.check_range("kappa", kappa, 0.0, lo_open=True)
@@ -150,12 +226,31 @@ def mass_sgd(
 ) -> optax.GradientTransformationExtraArgs:
   """MaSS of Liu & Belkin (ICLR 2020), in canonical form.
 
-  Original (eta = ``learning_rate``, delta = eta/(alpha*kappa_tilde); u is the gradient point):
+  Update rule (eta = ``learning_rate``, delta = eta / (alpha kappa_tilde); u is the gradient
+  point)::
 
-      w_{t+1} = u_t - eta*g_t;  v_{t+1} = (1-alpha) v_t + alpha u_t - delta g_t;
+      w_{t+1} = u_t - eta g_t
+      v_{t+1} = (1 - alpha) v_t + alpha u_t - delta g_t
       u_{t+1} = (alpha v_{t+1} + w_{t+1}) / (1 + alpha)
 
-  Canonical: beta = (1-alpha)/(1+alpha), a = eta, b = eta*(1/kappa_tilde - alpha)/(1+alpha).
+  Canonical: beta = (1 - alpha)/(1 + alpha), a = eta, b = eta (1/kappa_tilde - alpha)/(1 + alpha).
+
+  Args:
+    learning_rate: eta (scalar or schedule).
+    alpha: in (0, 1).
+    kappa_tilde: > 0.
+    mu_dtype: dtype of the momentum buffer.
+
+  Returns:
+    The full optimizer.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> print(round(oa.canonical_coefficients("mass")["beta"], 4))
+    0.9048
+
+  References:
+    Liu, Belkin, *Accelerating SGD with momentum for over-parameterized learning*, ICLR 2020.
   """
   C.check_learning_rate(learning_rate)
   C.check_range("alpha", alpha, 0.0, 1.0, lo_open=True, hi_open=True)
@@ -177,12 +272,31 @@ def agnes(
 ) -> optax.GradientTransformationExtraArgs:
   """AGNES of Gupta, Siegel, Wojtowytsch (NeurIPS 2024), in canonical form.
 
-  Original (alpha = ``learning_rate``, eta = ``correction_lr``, rho = ``momentum``):
+  Update rule (alpha = ``learning_rate``, eta = ``correction_lr``, rho = ``momentum``)::
 
-      x'_n = x_n + alpha v_n;  x_{n+1} = x'_n - eta g(x'_n);  v_{n+1} = rho (v_n - g(x'_n))
+      x'_n = x_n + alpha v_n
+      x_{n+1} = x'_n - eta g(x'_n)
+      v_{n+1} = rho (v_n - g(x'_n))
 
   The parameters optax sees are the extrapolated points x' (where gradients are taken).
-  Canonical: beta = rho, a = eta, b = alpha*rho.
+  Canonical: beta = rho, a = eta, b = alpha rho.
+
+  Args:
+    learning_rate: alpha, the primary step (scalar or schedule).
+    correction_lr: eta, the correction step (>= 0); eta = alpha is Nesterov.
+    momentum: rho in [0, 1).
+    mu_dtype: dtype of the momentum buffer.
+
+  Returns:
+    The full optimizer.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> oa.canonical_coefficients("agnes", learning_rate=0.1, correction_lr=0.01, momentum=0.9)
+    {'beta': 0.9, 'a': 0.01, 'b': 0.09000000000000001}
+
+  References:
+    Gupta, Siegel, Wojtowytsch, *Nesterov acceleration despite very noisy gradients*, NeurIPS 2024.
   """
   C.check_learning_rate(learning_rate)
   C.check_range("correction_lr", correction_lr, 0.0)
@@ -245,11 +359,27 @@ def canonical_coefficients(name: str, **hyperparams: float) -> dict[str, float]:
     u = g; Adam's bias correction and denominator follow.
   * ``ademamix_b1_0`` (learning_rate, b3=0.9999, alpha=5): u = g; divide by sqrt(v_hat)+eps after.
   * ``simplified_ademamix`` (learning_rate, b1=0.99, alpha=0): same preconditioner.
-  * ``schedule_free`` (learning_rate = gamma, b1, c_t, c_next): y-space form of docs/schedule_free.md §2 at step t
-    with constant gamma (beta = 1 - c_t, a = (1-b1) gamma, b = b1 c_{t+1} gamma; c_1 := 1).
+  * ``schedule_free`` (learning_rate = gamma, b1, c_t, c_next): the y-space form of
+    docs/schedule_free.md §2 at step t with constant gamma (beta = 1 - c_t, a = (1-b1) gamma,
+    b = b1 c_{t+1} gamma; c_1 := 1).
+
+  Args:
+    name: one of the names above.
+    **hyperparams: the method's hyperparameters (a subset of those listed).
+
+  Returns:
+    ``{"beta": beta, "a": a, "b": b}``.
 
   Raises:
     ValueError: unknown name or hyperparameter.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> oa.canonical_coefficients("nesterov", learning_rate=0.1, beta=0.9)
+    {'beta': 0.9, 'a': 0.1, 'b': 0.09000000000000001}
+
+  References:
+    Morwani et al., arXiv:2502.02431, 2025 (Table 1 and Section 4).
   """
   if name not in _CANONICAL:
     raise ValueError(f"`name` must be one of {tuple(_CANONICAL)}, got {name!r}.")

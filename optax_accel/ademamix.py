@@ -36,7 +36,26 @@ from optax_accel import _common as C
 
 def alpha_warmup_schedule(alpha: float, warmup_steps: int, alpha_start: float = 0.0
                           ) -> optax.Schedule:
-  """AdEMAMix's alpha scheduler: linear from ``alpha_start`` (count 0) to ``alpha`` (count T)."""
+  """AdEMAMix's alpha scheduler: linear from ``alpha_start`` (count 0) to ``alpha`` (count T).
+
+  Args:
+    alpha: final value (>= 0).
+    warmup_steps: T, the count at which ``alpha`` is reached.
+    alpha_start: value at count 0.
+
+  Returns:
+    A schedule of the 0-based count.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> schedule = oa.alpha_warmup_schedule(8.0, 100)
+    >>> print(float(schedule(50)), float(schedule(200)))
+    4.0 8.0
+
+  References:
+    Pagliardini, Ablin, Grangier, *The AdEMAMix Optimizer: Better, Faster, Older*, ICLR 2025,
+    arXiv:2409.03137.
+  """
   C.check_nonnegative("alpha", alpha)
   C.check_nonnegative("alpha_start", alpha_start)
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
@@ -46,10 +65,29 @@ def alpha_warmup_schedule(alpha: float, warmup_steps: int, alpha_start: float = 
 def beta_warmup_schedule(beta_end: float, warmup_steps: int, beta_start: float) -> optax.Schedule:
   """AdEMAMix's beta3 scheduler: the half-life h(b) = ln(0.5)/ln(b) - 1 grows linearly.
 
-  With a = min(count / T, 1):  beta(count) = f^-1((1-a) f(beta_start) + a f(beta_end)),
-  f(b) = ln 0.5 / ln b - 1, f^-1(s) = 0.5^(1/(s+1)); equivalently
-  beta = exp(ln(beta_start) ln(beta_end) / ((1-a) ln(beta_end) + a ln(beta_start))).
-  Also used for Simplified-AdEMAMix's beta1 warmup. Exactly ``beta_end`` from count T on.
+  With a = min(count / T, 1)::
+
+      beta(count) = exp(ln(beta_start) ln(beta_end) / ((1 - a) ln(beta_end) + a ln(beta_start)))
+
+  Also used for Simplified-AdEMAMix's b1 warmup. Exactly ``beta_end`` from count T on.
+
+  Args:
+    beta_end: final value in (0, 1).
+    warmup_steps: T.
+    beta_start: value at count 0, in (0, 1).
+
+  Returns:
+    A schedule of the 0-based count.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> schedule = oa.beta_warmup_schedule(0.9999, 1000, beta_start=0.9)
+    >>> print(round(float(schedule(0)), 4), round(float(schedule(1000)), 4))
+    0.9 0.9999
+
+  References:
+    Pagliardini, Ablin, Grangier, *The AdEMAMix Optimizer: Better, Faster, Older*, ICLR 2025,
+    arXiv:2409.03137.
   """
   C.check_range("beta_end", beta_end, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_range("beta_start", beta_start, 0.0, 1.0, lo_open=True, hi_open=True)
@@ -120,10 +158,41 @@ def scale_by_ademamix(
     *,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """AdEMAMix direction (module docstring). ``mu_dtype`` sets the dtype of m1, m2 and v.
+  """AdEMAMix direction: fast EMA + alpha * slow EMA, over Adam's denominator.
+
+  Update rule (t >= 1)::
+
+      m1_t = b1 m1_{t-1} + (1 - b1) g_t;   m2_t = b3_t m2_{t-1} + (1 - b3_t) g_t
+      v_t = b2 v_{t-1} + (1 - b2) g_t^2
+      direction = (m1_t / (1 - b1^t) + alpha_t m2_t) / (sqrt(v_t / (1 - b2^t) + eps_root) + eps)
 
   The default alpha is 5.0 in both the transform and the alias (optax.contrib uses 6.0 in its
   transform and 5.0 in its alias).
+
+  Args:
+    b1: fast-EMA decay in [0, 1); 0 drops the fast EMA (m1 = g, no buffer).
+    b2: second-moment decay in [0, 1).
+    b3: slow-EMA decay in [0, 1) (scalar or schedule of the 0-based count).
+    alpha: slow-EMA weight >= 0 (scalar or schedule).
+    eps: added to the square root of the second moment.
+    eps_root: added inside the square root.
+    mu_dtype: dtype of m1, m2 and v.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.scale_by_ademamix(alpha=5.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> direction, state = tx.update(jnp.ones(2), state)
+    >>> print(jnp.round(direction, 4))  # (1 + 5 * 1e-4) / 1 at the first step
+    [1.0005 1.0005]
+
+  References:
+    Pagliardini, Ablin, Grangier, *The AdEMAMix Optimizer: Better, Faster, Older*, ICLR 2025,
+    arXiv:2409.03137.
   """
   C.check_beta("b1", b1)
   C.check_range("b3", b3, 0.0, 1.0, hi_open=True)
@@ -177,9 +246,43 @@ def ademamix(
 ) -> optax.GradientTransformationExtraArgs:
   """AdEMAMix with decoupled weight decay: w <- w - lr (direction + weight_decay w).
 
-  ``alpha_warmup=T`` makes alpha linear from 0 to ``alpha`` over T steps; ``b3_warmup=T`` makes
-  b3 grow from ``b1`` to ``b3`` linearly in half-life over T steps (the paper's schedulers; the
-  paper uses T = total steps). Both need float ``alpha``/``b3``.
+  Update rule: :func:`scale_by_ademamix`, then decoupled weight decay and the learning rate.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: fast-EMA decay in [0, 1); 0 drops the fast EMA (m1 = g, no buffer).
+    b2: second-moment decay in [0, 1).
+    b3: slow-EMA decay in [0, 1) (scalar or schedule of the 0-based count).
+    alpha: slow-EMA weight >= 0 (scalar or schedule).
+    eps: added to the square root of the second moment.
+    eps_root: added inside the square root.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    alpha_warmup: T: alpha grows linearly from 0 over T steps (the paper: the run length).
+    b3_warmup: T: b3 grows from b1 linearly in half-life over T steps.
+    mu_dtype: dtype of m1, m2 and v.
+
+  Returns:
+    The full optimizer.
+
+  Raises:
+    ValueError: out-of-range coefficients, or a schedule given with its warmup.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.ademamix(1e-3, alpha=8.0, alpha_warmup=10_000, b3_warmup=10_000,
+    ...                   weight_decay=0.1)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+    >>> print(optax.apply_updates(params, updates)["w"])  # 1 - 1e-3 (1 + 0.1)
+    [0.9989 0.9989 0.9989]
+
+  References:
+    Pagliardini, Ablin, Grangier, *The AdEMAMix Optimizer: Better, Faster, Older*, ICLR 2025,
+    arXiv:2409.03137.
   """
   C.check_steps("alpha_warmup", alpha_warmup)
   C.check_steps("b3_warmup", b3_warmup)
@@ -221,11 +324,43 @@ def scale_by_simplified_ademamix(
     bias_correction1: bool = False,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Simplified-AdEMAMix direction (module docstring); one momentum buffer.
+  """Simplified-AdEMAMix direction: one theory-style momentum plus alpha times the gradient.
 
-  ``b1_warmup=T`` grows b1 from ``b1_start`` to ``b1`` linearly in half-life over T steps
-  (DepenM's ``beta1_warmup``/``min_beta1``); optax.contrib has no such warmup.
-  ``bias_correction1`` divides by N_t (off by default, as the reference).
+  Update rule::
+
+      m_t = b1_t m_{t-1} + g_t;   v_t = b2 v_{t-1} + (1 - b2) g_t^2
+      direction = (alpha_t g_t + m_t) / (sqrt(v_t / (1 - b2^t) + eps_root) + eps)   [/ N_t]
+
+  with N_t = b1_t N_{t-1} + 1 when ``bias_correction1``. optax.contrib has no b1 warmup.
+
+  Args:
+    b1: momentum coefficient in [0, 1) (scalar or schedule).
+    b2: second-moment decay in [0, 1).
+    alpha: weight of the current gradient >= 0 (scalar or schedule).
+    eps: added to the square root of the second moment.
+    eps_root: added inside the square root.
+    b1_warmup: T: b1 grows from ``b1_start`` linearly in half-life over T steps (the reference's
+      ``beta1_warmup``/``min_beta1``).
+    b1_start: b1 at count 0 of the warmup.
+    bias_correction1: divide by N_t (off by default, as the reference).
+    mu_dtype: dtype of m and v.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.scale_by_simplified_ademamix(b1=0.9, alpha=2.0)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for _ in range(2):
+    ...   direction, state = tx.update(jnp.ones(1), state)
+    >>> print(f"{float(direction[0]):.4f}")  # (2 + 0.9 + 1) / 1
+    3.9000
+
+  References:
+    Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free Optimizers, AdEMAMix, and
+    Accelerated SGD Variants*, arXiv:2502.02431, 2025.
   """
   C.check_range("b1", b1, 0.0, 1.0, hi_open=True)
   _check_common(b2, eps, eps_root, alpha)
@@ -275,8 +410,36 @@ def simplified_ademamix(
 ) -> optax.GradientTransformationExtraArgs:
   """Simplified-AdEMAMix with decoupled weight decay: w <- w - lr (direction + weight_decay w).
 
-  Exact relation (docs/ademamix.md §2, tested): AdEMAMix(b1=0, b3, alpha, lr, wd) equals this with
-  b1 := b3, alpha := 1/(alpha (1-b3)), lr := lr alpha (1-b3), wd := wd / (alpha (1-b3)).
+  Update rule: :func:`scale_by_simplified_ademamix`, then decoupled weight decay and the learning
+  rate. Exact relation (docs/ademamix.md §2, tested): AdEMAMix(b1=0, b3, alpha, lr, wd) equals
+  this with b1 := b3, alpha := 1/(alpha (1-b3)), lr := lr alpha (1-b3), wd := wd/(alpha (1-b3)).
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count (typically ~100x smaller than Adam's).
+    b1: momentum coefficient in [0, 1) (scalar or schedule).
+    b2: second-moment decay in [0, 1).
+    alpha: weight of the current gradient >= 0 (scalar or schedule).
+    eps: added to the square root of the second moment.
+    eps_root: added inside the square root.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    b1_warmup: T: b1 grows from ``b1_start`` linearly in half-life over T steps.
+    b1_start: b1 at count 0 of the warmup.
+    bias_correction1: divide the numerator by N_t.
+    mu_dtype: dtype of m and v.
+
+  Returns:
+    The full optimizer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.simplified_ademamix(1e-5, b1=0.999, alpha=100.0, b1_warmup=5_000)
+    >>> state = opt.init({"w": jnp.zeros(3)})
+
+  References:
+    Morwani, Vyas, Zhang, Kakade, *Connections between Schedule-Free Optimizers, AdEMAMix, and
+    Accelerated SGD Variants*, arXiv:2502.02431, 2025.
   """
   return C.full_optimizer(
       scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root, b1_warmup=b1_warmup,

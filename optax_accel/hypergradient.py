@@ -77,9 +77,35 @@ def per_name(value: Any, names: Sequence[str], defaults: dict | None = None) -> 
 
 def per_name_sgd(hyper_lr: Any, names: Sequence[str], *, momentum: float = 0.0,
                  clip: float | None = 10.0) -> optax.GradientTransformation:
-  """The official code's hyper-optimizer over a dict of scalars: clip each h to ``|h| <= clip``
-  (``h * min(1, clip / (|h| + 1e-6))``), heavy-ball momentum b = momentum b + h (b_0 = 0), then
-  q <- q - hyper_lr[name] * b. ``hyper_lr``: a float or a dict name -> float."""
+  """The official MADA code's hyper-optimizer over a dict of scalars.
+
+  Update rule, per name::
+
+      h <- h min(1, clip / (|h| + 1e-6));   b <- momentum b + h  (b_0 = 0);   q <- q - hyper_lr b
+
+  Args:
+    hyper_lr: a float for every name, or a dict name -> float.
+    names: the learned names.
+    momentum: heavy-ball momentum (may be traced, e.g. under inject_hyperparams).
+    clip: bound on each ``|h|`` (None: no clipping).
+
+  Returns:
+    An ``optax.GradientTransformation`` over ``{name: scalar}``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.per_name_sgd({"b1": 0.1, "b2": 0.01}, ("b1", "b2"), clip=1.0)
+    >>> h = {"b1": jnp.array(5.0), "b2": jnp.array(0.5)}
+    >>> step, _ = tx.update(h, tx.init(h))
+    >>> print(round(float(step["b1"]), 4), round(float(step["b2"]), 4))
+    -0.1 -0.005
+
+  References:
+    Baydin, Cornish, Martinez Rubio, Schmidt, Wood, *Online Learning Rate Adaptation with
+    Hypergradient Descent*, ICLR 2018. Chandra, Xie, Ragan-Kelley, Meijer, *Gradient Descent: The
+    Ultimate Optimizer*, NeurIPS 2022. Ozkara et al., *MADA*, ICML 2024, arXiv:2401.08893.
+  """
   rates = per_name(hyper_lr, names)
   stages = []
   if clip is not None:
@@ -156,6 +182,12 @@ def hypergradient_wrapper(
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """Wraps ``inner_factory`` so that its ``learnable`` hyperparameters are learned.
 
+  Update rule (docs/mada.md §3), with Delta the inner optimizer's update::
+
+      h_t = <g_t, d Delta_{t-1} / d q>            (one global reduction per name)
+      q <- project(q + hyper_optimizer(h_t))      (skipped while frozen or if h is not finite)
+      Delta_t = inner_factory(q).update(g_t, ...)
+
   Used like ``optax.inject_hyperparams``: ``hypergradient_wrapper(optax.adam, ("b1", "b2"),
   1e-4)(learning_rate=1e-3)``. ``inner_factory(**hyperparams)`` must build the FULL optimizer
   (its updates are what ``optax.apply_updates`` adds to the params), e.g. ``optax.sgd``,
@@ -173,13 +205,38 @@ def hypergradient_wrapper(
     freeze_steps: the hyper-update is skipped for the first ``freeze_steps`` steps.
     static_args: arguments that must never be traced (like ``inject_hyperparams``'s); only the
       learnable ones are, so this just guards against naming one of them.
-    hyper_momentum, hypergrad_clip: settings of the default hyper-optimizer.
+    hyper_momentum: momentum of the default hyper-optimizer.
+    hypergrad_clip: bound on each ``|h|`` of the default hyper-optimizer (None: off).
     tangents: "forward" (stored forward-mode tangents, any optimizer) or "closed_form" (the
       inner optimizer is a ``WithHypergradients``; nothing parameter-sized is stored here).
+
+  Returns:
+    A factory with ``inner_factory``'s signature, returning an
+    ``optax.GradientTransformationExtraArgs`` whose state is a ``HypergradientState``.
 
   Raises:
     ValueError: a learnable name that is not an argument of ``inner_factory``, a domain with
       lo >= hi, an initial value outside its domain or not a number, a negative ``hyper_lr``.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.hypergradient_wrapper(optax.sgd, ("learning_rate",), 1e-3)(0.1)
+    >>> loss = lambda x: jnp.sum(x ** 2)
+    >>> x = jnp.ones(3)
+    >>> state = opt.init(x)
+    >>> for _ in range(5):
+    ...   updates, state = opt.update(jax.grad(loss)(x), state, x)
+    ...   x = optax.apply_updates(x, updates)
+    >>> bool(state.hyperparams["learning_rate"] > 0.1)  # the loss wants a larger step
+    True
+
+  References:
+    Baydin, Cornish, Martinez Rubio, Schmidt, Wood, *Online Learning Rate Adaptation with
+    Hypergradient Descent*, ICLR 2018. Chandra, Xie, Ragan-Kelley, Meijer, *Gradient Descent: The
+    Ultimate Optimizer*, NeurIPS 2022. Ozkara et al., *MADA*, ICML 2024, arXiv:2401.08893.
   """
   learnable = tuple(learnable)
   signature = inspect.signature(inner_factory)

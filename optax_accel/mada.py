@@ -78,10 +78,48 @@ def scale_by_mada(
     hypergradient_buffers: bool = False,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MADA's parameterized direction (module docstring); coefficients are floats or traced.
+  """MADA's parameterised direction; coefficients are floats or traced (learned) arrays.
 
-  ``hypergradient_buffers`` keeps g_t - g_{t-1} and gt2_t (two parameter-sized buffers), all
-  that ``mada_hypergradients`` needs besides the state to evaluate the closed-form partials.
+  Update rule (official code's order, docs/mada.md §1)::
+
+      gh = g + b3 (g - g_prev);  s = sign(gh^2 - v);  gt2 = c gh^2 + (1 - c)(v + gh^2 s)
+      m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) gt2;  n = b3 n + (1 - b3)(g - g_prev)
+      vbar_t = (v_t + (t - 1) vbar_{t-1}) / t
+      A = m / (1 - b1^t) + b3 n;  vh = (rho v + (1 - rho) stop_grad(vbar)) / (1 - b2^t)
+      direction = gamma A / (sqrt(vh) + eps) + (1 - gamma) sign(u),  u the Lion vector
+
+  Args:
+    b1: first-moment decay (float or traced array).
+    b2: second-moment decay.
+    b3: Adan-like weight of g_t - g_{t-1}; a Python 0 drops its buffers.
+    rho: Adam (1) <-> AVGrad (0); a Python 1 drops the running mean.
+    c: Adam (1) <-> Yogi-form second moment (0).
+    gamma: Adam family (1) <-> Lion (0); a Python 1 drops the Lion momentum.
+    lion_b1: Lion's interpolation constant (the code's 0.95).
+    lion_b2: Lion's momentum decay (the code's 0.98).
+    eps: added to the square root.
+    n_init_g_squared: the code's n_0 = g_1^2 (True) or n_0 = 0.
+    lion_uses_updated_momentum: the code's order (True) or true Lion's (False).
+    bias_correct_n: divide n by (1 - b3^t) (the code does not).
+    hypergradient_buffers: keep g_t - g_{t-1} and gt2_t, all that :func:`mada_hypergradients`
+      needs besides the state.
+    mu_dtype: dtype of every buffer.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state ``ScaleByMadaState``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.scale_by_mada(b1=0.9, b2=0.999)  # the Adam vertex
+    >>> state = tx.init(jnp.zeros(2))
+    >>> direction, state = tx.update(jnp.array([2.0, -2.0]), state)
+    >>> print(jnp.round(direction, 4))
+    [ 1. -1.]
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
   """
   _check_coefficients(b1, b2, b3, rho, c, gamma, eps)
   C.check_beta("lion_b1", lion_b1)
@@ -164,14 +202,42 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
                         learning_rate: Any, names=("b1", "b2", "b3", "rho", "c", "gamma"), *,
                         eps: float = 1e-8, lion_b1: float = 0.95, lion_b2: float = 0.98,
                         lion_uses_updated_momentum: bool = True) -> dict[str, jax.Array]:
-  """h_j = <g_{t+1}, d Delta_t / d q_j> = -lr_t <g_{t+1}, dU_t/dq_j> in closed form (docs/mada.md §3).
+  """Closed-form one-step hypergradients h_j = <g_{t+1}, d Delta_t / d q_j> of MADA.
 
-  ``state`` is the state after step t (built with ``hypergradient_buffers=True``), ``q`` all six
-  coefficients used at step t, ``names`` those to differentiate (their buffers must exist:
-  a coefficient fixed at a static vertex, e.g. rho = 1, prunes the buffers only its own
-  partial needs). Uses the exact rewrites m_{t-1} - g = (m_t - g)/b1,
-  v_{t-1} = (v_t - (1-b2) gt2)/b2, b3 (n_{t-1} - d) = n_t - d, so b1 must stay positive (MADA's
-  box: b1 >= 0.01). The running mean is held fixed (detached). Zeros before the first step.
+  h_j = -lr_t <g_{t+1}, dU_t / dq_j>, with the partials of docs/mada.md §3. ``state`` is the
+  state after step t (built with ``hypergradient_buffers=True``), ``q`` all six coefficients used
+  at step t, ``names`` those to differentiate (their buffers must exist: a coefficient fixed at a
+  static vertex, e.g. rho = 1, prunes the buffers only its own partial needs). Uses the exact
+  rewrites m_{t-1} - g = (m_t - g)/b1, v_{t-1} = (v_t - (1-b2) gt2)/b2, b3 (n_{t-1} - d) = n_t - d,
+  so b1 must stay positive (MADA's box: b1 >= 0.01). The running mean is held fixed (detached).
+
+  Args:
+    state: the ``ScaleByMadaState`` after step t.
+    next_grads: g_{t+1}.
+    q: the six coefficients applied at step t.
+    learning_rate: the learning rate (scalar or schedule) of step t.
+    names: coefficients to differentiate.
+    eps: as in :func:`scale_by_mada`.
+    lion_b1: as in :func:`scale_by_mada`.
+    lion_b2: as in :func:`scale_by_mada`.
+    lion_uses_updated_momentum: as in :func:`scale_by_mada`.
+
+  Returns:
+    ``{name: h}``, scalars; zeros before the first step.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> q = dict(b1=0.9, b2=0.999, b3=0.0, rho=1.0, c=1.0, gamma=1.0)
+    >>> tx = oa.scale_by_mada(**q, hypergradient_buffers=True)
+    >>> _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+    >>> h = oa.mada_hypergradients(state, jnp.ones(2), q, 0.1, names=("b2",))
+    >>> print(f"{float(h['b2']):.4f}")  # positive: a smaller b2 would have lowered the loss
+    0.0013
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
   """
   b1, b2, b3, rho, c, gamma = (q[k] for k in ("b1", "b2", "b3", "rho", "c", "gamma"))
   t = C.as_float(jnp.maximum(state.count, 1))
@@ -219,16 +285,68 @@ def mada_hypergradients(state: ScaleByMadaState, next_grads: optax.Updates, q: d
 
 def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
                     mu_dtype: Any | None = None) -> optax.GradientTransformationExtraArgs:
-  """AVGrad (MADA paper eq. 5, as the code runs it): Adam with v replaced by the running mean of
-  the v EMA, one bias correction (1 - b2^t) on the mean. MADA at rho = 0, b3 = 0, c = gamma = 1;
-  state m, v, vbar (12 bytes/param in f32)."""
+  """AVGrad's direction: Adam with v replaced by the running mean of its EMA.
+
+  Update rule (MADA paper eq. 5, as the code runs it)::
+
+      m_t = b1 m + (1 - b1) g;  v_t = b2 v + (1 - b2) g^2;  vbar_t = (v_t + (t - 1) vbar_{t-1}) / t
+      direction = (m_t / (1 - b1^t)) / (sqrt(vbar_t / (1 - b2^t)) + eps)
+
+  MADA at rho = 0, b3 = 0, c = gamma = 1; state m, v, vbar (12 bytes/param in f32).
+
+  Args:
+    b1: first-moment decay in [0, 1).
+    b2: second-moment decay in [0, 1).
+    eps: added to the square root.
+    mu_dtype: dtype of m, v and vbar.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.scale_by_avgrad()
+    >>> direction, _ = tx.update(jnp.array([3.0]), tx.init(jnp.zeros(1)))
+    >>> print(jnp.round(direction, 4))
+    [1.]
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
+  """
   return scale_by_mada(b1, b2, 0.0, 0.0, 1.0, 1.0, eps=eps, mu_dtype=mu_dtype)
 
 
 def avgrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
            mu_dtype: Any | None = None) -> optax.GradientTransformationExtraArgs:
-  """AVGrad with decoupled weight decay (AdamW-style)."""
+  """AVGrad with decoupled weight decay (AdamW-style).
+
+  Update rule: :func:`scale_by_avgrad`, then decoupled weight decay and the learning rate.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: first-moment decay in [0, 1).
+    b2: second-moment decay in [0, 1).
+    eps: added to the square root.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    mu_dtype: dtype of m, v and vbar.
+
+  Returns:
+    The full optimizer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.avgrad(1e-3, weight_decay=0.1)
+    >>> state = opt.init({"w": jnp.zeros(3)})
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
+  """
   return C.full_optimizer(scale_by_avgrad(b1, b2, eps, mu_dtype=mu_dtype), learning_rate,
                           weight_decay, mask)
 
@@ -240,11 +358,40 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
                    mu_dtype: Any | None = None) -> optax.GradientTransformationExtraArgs:
   """The full MADA step with fixed coefficients: x <- x - lr (direction + weight_decay x).
 
-  The inner factory of ``mada`` (whose coefficients are learned), and MADA-FS when called with
-  ``frozen(state)``: ``mada_optimizer(lr, **frozen(state))``. With
-  ``closed_form_hypergradients`` the result also carries ``hypergradients(state, next_grads, q)``
-  (``mada_hypergradients``; weight decay does not depend on q), which
-  ``hypergradient_wrapper(..., tangents="closed_form")`` uses instead of stored tangents.
+  Update rule: :func:`scale_by_mada`, then decoupled weight decay and the learning rate. It is the
+  inner factory of :func:`mada` (whose coefficients are learned), and MADA-FS when called with
+  ``frozen(state)``. With ``closed_form_hypergradients`` the result also carries
+  ``hypergradients(state, next_grads, q)`` (:func:`mada_hypergradients`; weight decay does not
+  depend on q), which ``hypergradient_wrapper(..., tangents="closed_form")`` uses instead of
+  stored tangents.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: first-moment decay (float or traced array).
+    b2: second-moment decay.
+    b3: Adan-like weight of g_t - g_{t-1}; a Python 0 drops its buffers.
+    rho: Adam (1) <-> AVGrad (0); a Python 1 drops the running mean.
+    c: Adam (1) <-> Yogi-form second moment (0).
+    gamma: Adam family (1) <-> Lion (0); a Python 1 drops the Lion momentum.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    eps: added to the square root.
+    closed_form_hypergradients: keep the two buffers the closed-form hypergradients need and
+      return a ``WithHypergradients``.
+    mu_dtype: dtype of every buffer.
+
+  Returns:
+    The full optimizer (a ``WithHypergradients`` when ``closed_form_hypergradients``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.mada_optimizer(1e-3, b1=0.8, b2=0.99, rho=0.3, gamma=0.9)  # MADA-FS
+    >>> state = opt.init({"w": jnp.zeros(3)})
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
   """
   direction = scale_by_mada(b1, b2, b3, rho, c, gamma, eps=eps, mu_dtype=mu_dtype,
                             hypergradient_buffers=closed_form_hypergradients)
@@ -283,15 +430,50 @@ def mada(
     freeze_steps: int = 0,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MADA: the six coefficients learned by one-step hypergradient descent (``hypergradient_wrapper``).
+  """MADA: the six coefficients learned by one-step hypergradient descent.
 
-  Defaults from the paper's GPT-2/OWT setup: hyper-lrs 5e-4 for b1, b2 and 1e-1 for the others
-  (``hyper_lr`` overrides, a float or a dict), plain SGD (``hyper_momentum`` 0), each
-  hypergradient clipped to ``|h| <= 10``, the code's boxes (b1 in [.01, .99], b2 in [.501, .99],
-  b3 in [0, .99], rho, c, gamma in [0, 1]). The paper starts from Adam (b3=0, rho=c=gamma=1) on
-  Shakespeare and from AVGrad + Adan (rho=0, b3=0.9) on OpenWebText. Hypergradients are the
-  closed forms of docs/mada.md §3 (``mada_hypergradients``): state = MADA's 6 buffers + 2, no stored
-  tangents.
+  Update rule: the parameter step of :func:`mada_optimizer` with the current coefficients q; before
+  it, q <- project(q - hyper_lr clip(h)), h the closed-form hypergradient of the previous step
+  (docs/mada.md §3). Defaults from the paper's GPT-2/OpenWebText setup: hyper-lrs 5e-4 for b1, b2
+  and 1e-1 for the others (``MADA_HYPER_LR``), plain SGD, each hypergradient clipped to
+  ``|h| <= 10``, the code's boxes (``MADA_DOMAIN``). The paper starts from Adam (b3 = 0,
+  rho = c = gamma = 1) on Shakespeare and from AVGrad + Adan (rho = 0, b3 = 0.9) on OpenWebText.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: initial b1.
+    b2: initial b2.
+    b3: initial b3.
+    rho: initial rho.
+    c: initial c.
+    gamma: initial gamma.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    eps: added to the square root.
+    hyper_lr: a float for every coefficient, or a dict updating ``MADA_HYPER_LR``.
+    hyper_momentum: heavy-ball momentum of the hyper-optimizer.
+    freeze_steps: the coefficients stay fixed for this many steps.
+    mu_dtype: dtype of every buffer.
+
+  Returns:
+    The full optimizer; its state holds a ``HypergradientState`` (``learned/*`` diagnostics).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.mada(1e-2, rho=0.0, b3=0.9)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = opt.update({"w": params["w"]}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> sorted(oa.frozen(state))
+    ['b1', 'b2', 'b3', 'c', 'gamma', 'rho']
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
   """
   learned = dict(b1=b1, b2=b2, b3=b3, rho=rho, c=c, gamma=gamma)
   return hypergradient_wrapper(
@@ -318,11 +500,37 @@ def hyperadam(
 ) -> optax.GradientTransformationExtraArgs:
   """HyperAdam: AdamW with b1 and b2 learned by hypergradient descent.
 
-  As the official code runs it: MADA at the Adam vertex (b3 = 0, rho = c = gamma = 1, fixed, so
-  their buffers are not allocated) with only b1, b2 learned, by the closed-form partials (state:
-  m, v + 2 buffers, no tangents). Boxes b1 in [0.01, 0.99] (the code's) and b2 in
-  [0.501, 0.9999] (the code clamps b2 to 0.99 for GPT runs; we widen the box so that the API
-  default b2 = 0.999 is inside it). v starts at 1e-15 (the code's), not 0.
+  Update rule: as the official code runs it, MADA at the Adam vertex (b3 = 0, rho = c = gamma = 1,
+  fixed, so their buffers are not allocated) with only b1, b2 learned by the closed-form partials.
+  Boxes b1 in [0.01, 0.99] (the code's) and b2 in [0.501, 0.9999] (the code clamps b2 to 0.99
+  for GPT runs; the wider box keeps the API default 0.999 inside it). v starts at 1e-15.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: initial b1.
+    b2: initial b2.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    eps: added to the square root.
+    hyper_lr: learning rate of the hyper-optimizer (a float or a dict name -> float).
+    hyper_momentum: heavy-ball momentum of the hyper-optimizer.
+    freeze_steps: the coefficients stay fixed for this many steps.
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    mu_dtype: dtype of every buffer.
+
+  Returns:
+    The full optimizer; its state holds a ``HypergradientState``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.hyperadam(1e-3, hyper_lr=1e-4)
+    >>> state = opt.init({"w": jnp.zeros(3)})
+    >>> sorted(oa.get_diagnostics(state))[:2]
+    ['hypergrad/b1', 'hypergrad/b2']
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
   """
   return hypergradient_wrapper(
       mada_optimizer, learnable=("b1", "b2"), hyper_lr=hyper_lr,
@@ -339,8 +547,24 @@ def frozen(state: optax.OptState) -> dict[str, float]:
   ``optax_accel.mada_optimizer(lr, **frozen(state))`` (or ``scale_by_mada(**frozen(state))``)
   re-runs them as a fixed optimizer.
 
+  Args:
+    state: a state holding a ``HypergradientState`` (anywhere in nested states).
+
+  Returns:
+    ``{name: value}`` of the learned coefficients.
+
   Raises:
     ValueError: if ``state`` holds no hypergradient state.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> oa.frozen(oa.hyperadam(1e-3, b1=0.8).init(jnp.zeros(2)))["b1"]
+    0.800000011920929
+
+  References:
+    Ozkara, Yuan, Cevher, Hauswirth, Chen, *MADA: Meta-Adaptive Optimizers through hyper-gradient
+    Descent*, ICML 2024, arXiv:2401.08893.
   """
   states = C.find_states(state, HypergradientState)
   if not states:

@@ -71,7 +71,43 @@ def scale_by_mars(
     clip_scope: str = "tensor",
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MARS-approx direction (module docstring). ``mu_dtype`` sets m, v and the stored g_{t-1}."""
+  """MARS-approx direction: a variance-reduced gradient, clipped, in Adam or Lion.
+
+  Update rule (g_0 = 0)::
+
+      c_t = g_t + gamma b1 / (1 - b1) (g_t - g_{t-1});   ct_t = clip(c_t)
+      m_t = b1 m_{t-1} + (1 - b1) ct_t
+      adamw: v_t = b2 v_{t-1} + (1 - b2) ct_t^2;
+             direction = (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+      lion:  direction = sign(m_t)
+
+  Args:
+    b1: first-moment decay in [0, 1).
+    b2: second-moment decay in [0, 1) (unused by the Lion variant).
+    gamma: correction scale in [0, 1].
+    eps: added to the square root of the second moment.
+    variant: "adamw" or "lion".
+    clip_threshold: tau > 0 in c * min(1, tau / ||c||).
+    clip_scope: "tensor" (one norm per leaf, the reference code), "global" (the whole tree) or
+      "none".
+    mu_dtype: dtype of m, v and the stored previous gradient.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (state ``ScaleByMarsState``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> tx = oa.scale_by_mars(variant="lion")
+    >>> state = tx.init(jnp.zeros(2))
+    >>> direction, state = tx.update(jnp.array([0.3, -2.0]), state)
+    >>> print(direction)
+    [ 1. -1.]
+
+  References:
+    Yuan, Liu, Wu, Zhou, Gu, *MARS: Unleashing the Power of Variance Reduction for Training Large
+    Models*, ICML 2025, arXiv:2411.10438.
+  """
   C.check_beta("b1", b1)
   C.check_beta("b2", b2)
   C.check_range("gamma", gamma, 0.0, 1.0)
@@ -128,10 +164,37 @@ def mars_adamw(
     clip_scope: str = "tensor",
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MARS-AdamW (official defaults); weight decay lr-coupled as the official code.
+  """MARS-AdamW (the reference code's defaults); weight decay lr-coupled as the reference code.
 
-  The keyword-only arguments are ``scale_by_mars``'s (explicit rather than ``**kw`` so that the
-  alias works under ``optax.inject_hyperparams``).
+  Update rule: :func:`scale_by_mars` (variant "adamw"), then decoupled weight decay and the
+  learning rate. The reference routes 1-D parameters to plain AdamW; do that with
+  ``optax.multi_transform`` if wanted.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: first-moment decay in [0, 1).
+    b2: second-moment decay in [0, 1).
+    gamma: correction scale in [0, 1].
+    eps: added to the square root of the second moment.
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    clip_threshold: tau > 0 in c * min(1, tau / ||c||).
+    clip_scope: "tensor" (one norm per leaf, the reference code), "global" (the whole tree) or
+      "none".
+    mu_dtype: dtype of m, v and the stored previous gradient.
+
+  Returns:
+    The full optimizer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.mars_adamw(6e-3, weight_decay=1e-2)
+    >>> state = opt.init({"w": jnp.zeros((4, 4))})
+
+  References:
+    Yuan, Liu, Wu, Zhou, Gu, *MARS: Unleashing the Power of Variance Reduction for Training Large
+    Models*, ICML 2025, arXiv:2411.10438.
   """
   return _mars(learning_rate, b1, b2, gamma, eps, weight_decay, mask, variant="adamw",
                clip_threshold=clip_threshold, clip_scope=clip_scope, mu_dtype=mu_dtype)
@@ -149,7 +212,36 @@ def mars_lion(
     clip_scope: str = "tensor",
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MARS-Lion: sign of the MARS first moment. ``b2`` is validated but unused (the official
-  MARS-Lion update has no second moment); kept for a signature parallel to ``mars_adamw``."""
+  """MARS-Lion: the sign of the MARS first moment.
+
+  Update rule: :func:`scale_by_mars` (variant "lion"), then decoupled weight decay and the
+  learning rate. ``b2`` is validated but unused (the reference MARS-Lion update has no second
+  moment); it is kept for a signature parallel to :func:`mars_adamw`.
+
+  Args:
+    learning_rate: scalar or schedule of the 0-based count.
+    b1: first-moment decay in [0, 1).
+    b2: unused (validated).
+    gamma: correction scale in [0, 1].
+    weight_decay: decoupled weight decay (scaled by the learning rate).
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    clip_threshold: tau > 0 in c * min(1, tau / ||c||).
+    clip_scope: "tensor" (one norm per leaf, the reference code), "global" (the whole tree) or
+      "none".
+    mu_dtype: dtype of m, v and the stored previous gradient.
+
+  Returns:
+    The full optimizer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.mars_lion(1e-4)
+    >>> state = opt.init({"w": jnp.zeros((4, 4))})
+
+  References:
+    Yuan, Liu, Wu, Zhou, Gu, *MARS: Unleashing the Power of Variance Reduction for Training Large
+    Models*, ICML 2025, arXiv:2411.10438.
+  """
   return _mars(learning_rate, b1, b2, gamma, 0.0, weight_decay, mask, variant="lion",
                clip_threshold=clip_threshold, clip_scope=clip_scope, mu_dtype=mu_dtype)

@@ -131,10 +131,24 @@ _REGISTRY: dict[str, OptimizerSpec] = _specs(
 def register(spec_or_name: OptimizerSpec | str,
              factory: Callable[..., optax.GradientTransformation] | None = None,
              dtype_arg: str | None = "mu_dtype") -> None:
-  """Adds an optimizer: ``register(OptimizerSpec(...))`` or ``register(name, factory)``.
+  """Adds an optimizer to the registry.
+
+  Args:
+    spec_or_name: an :class:`OptimizerSpec`, or a name (then ``factory`` is required).
+    factory: ``factory(learning_rate, **kwargs)`` building the full optimizer.
+    dtype_arg: keyword of ``factory`` setting its state dtype (None: none).
 
   Raises:
-    ValueError: the name is already registered, or a flag contradicts the factory's signature.
+    ValueError: the name is already registered, or the spec names a keyword (state dtype,
+      warmup) that the factory does not take.
+
+  Examples:
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> oa.register("adamw", optax.adamw)  # e.g. oa.register("nadam", optax.nadam)
+    Traceback (most recent call last):
+    ...
+    ValueError: `name` 'adamw' is already registered.
   """
   spec = spec_or_name if isinstance(spec_or_name, OptimizerSpec) else OptimizerSpec(
       spec_or_name, factory, dtype_arg)
@@ -145,15 +159,36 @@ def register(spec_or_name: OptimizerSpec | str,
 
 
 def list_optimizers() -> list[str]:
-  """Registered names, sorted."""
+  """Registered names, sorted.
+
+  Returns:
+    The names accepted by :func:`get_optimizer` and :func:`get_spec`.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> "mada" in oa.list_optimizers()
+    True
+  """
   return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> OptimizerSpec:
-  """The :class:`OptimizerSpec` of optimizer ``name``.
+  """The :class:`OptimizerSpec` of optimizer ``name``: its factory and the facts scripts need.
+
+  Args:
+    name: a registered name.
+
+  Returns:
+    The :class:`OptimizerSpec`.
 
   Raises:
     ValueError: unknown ``name`` (the message lists the valid ones).
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> spec = oa.get_spec("schedule_free_adamw")
+    >>> spec.schedule_free, spec.owns_warmup, spec.state_dtype_arg
+    (True, True, 'state_dtype')
   """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown optimizer `name` {name!r}; valid names: "
@@ -165,13 +200,39 @@ def get_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs: An
                   ) -> optax.GradientTransformation:
   """The full optimizer ``name`` (direction, weight decay, learning rate).
 
+  Args:
+    name: a registered name (:func:`list_optimizers`).
+    learning_rate: scalar or schedule of the 0-based count.
+    **kwargs: the optimizer's other arguments.
+
+  Returns:
+    The optimizer, an ``optax.GradientTransformation``.
+
   Raises:
     ValueError: unknown ``name`` (the message lists the valid ones) or invalid hyperparameters.
     TypeError: a keyword the optimizer does not take.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.get_optimizer("ademamix", 1e-3, alpha=8.0, weight_decay=0.1)
+    >>> state = opt.init({"w": jnp.zeros(3)})
   """
   return get_spec(name).factory(learning_rate, **kwargs)
 
 
 def state_dtype_argument(name: str) -> str | None:
-  """The keyword of optimizer ``name`` that sets its state dtype (``mu_dtype``, ...)."""
+  """The keyword of optimizer ``name`` that sets its state dtype (``mu_dtype``, ...).
+
+  Args:
+    name: a registered name.
+
+  Returns:
+    The keyword, or None.
+
+  Examples:
+    >>> import optax_accel as oa
+    >>> oa.state_dtype_argument("sgd")
+    'accumulator_dtype'
+  """
   return get_spec(name).state_dtype_arg

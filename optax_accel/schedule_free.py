@@ -62,23 +62,48 @@ def schedule_free_wrapper(
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free around a momentum-free base *direction* (e.g. ``optax.scale_by_rms``).
 
+  Update rule (u_t the base direction at y_t, module docstring and docs/schedule_free.md)::
+
+      z_{t+1} = z_t - gamma_t u_t
+      x_{t+1} = (1 - c_{t+1}) x_t + c_{t+1} z_{t+1},  c_{t+1} = w_t / sum_{i<=t} w_i
+      y_{t+1} = (1 - b1) z_{t+1} + b1 x_{t+1},        w_t = t^r max_{i<=t}(gamma_i)^p
+
   The returned updates are the full parameter step y_{t+1} - y_t (learning rate and sign
   included): do not chain ``scale_by_learning_rate`` after it. Params passed to ``update`` are
   the gradient point y; evaluate at ``schedule_free_eval_params(state, params)``.
 
-  Differences from ``optax.contrib.schedule_free`` (docs/schedule_free.md §3):
-  ``learning_rate`` is called with the same 0-based count for the z-step and the averaging
-  weight (so a warmup's first step is not a no-op when the schedule is positive at 0); the
-  averaging weight has PyTorch's ``t**r`` factor; b1 may be scheduled or injected and the value
-  applied is stored for eval params; init works on ``jax.ShapeDtypeStruct``.
+  Differences from ``optax.contrib.schedule_free`` (docs/schedule_free.md §3): the learning rate
+  is called with the same 0-based count for the z-step and the averaging weight (a warmup's first
+  step is not a no-op when the schedule is positive at 0); the averaging weight has PyTorch's
+  ``t**r`` factor; b1 may be scheduled or injected and the value applied is stored for the
+  eval params; init works on ``jax.ShapeDtypeStruct``.
 
   Args:
     base: transformation producing a direction u_t (no learning rate, no sign flip, no momentum).
     learning_rate: gamma_t (scalar or schedule of the 0-based count).
     b1: interpolation coefficient in (0, 1) (scalar or schedule).
-    weight_lr_power: p in w_t = t^r * max_lr^p.
+    weight_lr_power: p in w_t = t^r max_lr^p.
     r: polynomial averaging power.
     state_dtype: dtype of z (default: the params' dtype).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a ``ScheduleFreeState``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.schedule_free_wrapper(optax.identity(), learning_rate=0.1, b1=0.9)
+    >>> y = jnp.array([1.0])
+    >>> state = opt.init(y)
+    >>> updates, state = opt.update(jnp.array([1.0]), state, y)
+    >>> y = optax.apply_updates(y, updates)
+    >>> print(y, oa.schedule_free_eval_params(state, y))  # y = 1 - 0.1, x = z = 1 - 0.1
+    [0.9] [0.9]
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, *The Road Less Scheduled*, NeurIPS 2024,
+    arXiv:2405.15682.
   """
   C.check_learning_rate(learning_rate)
   C.check_range("b1", b1, 0.0, 1.0, lo_open=True, hi_open=True)
@@ -128,7 +153,7 @@ def schedule_free_wrapper(
     new_updates = jax.tree.map(lambda _, o: o[0], params, out)
     z = jax.tree.map(lambda _, o: o[1], params, out)
     return new_updates, ScheduleFreeState(
-        count=optax.safe_increment(state.count), b1=b1_t, max_lr=max_lr,
+        count=optax.safe_increment(state.count), b1=C.recorded(b1, b1_t, state.b1), max_lr=max_lr,
         weight_sum=weight_sum, averaging_weight=ck, z=z, base_state=base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -139,10 +164,36 @@ def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> op
 
   Finds every ``ScheduleFreeState`` inside nested ``chain`` / ``inject_hyperparams`` / ``masked``
   / ``multi_transform`` states and uses the b1 applied at the last step. Leaves not handled by
-  a schedule-free transform (masked out) are returned unchanged.
+  a schedule-free transform (masked out) are returned unchanged. Leaves are paired by position,
+  so a ``flax.nnx.Optimizer`` state and the model's ``nnx.Param`` state can be passed directly.
+
+  Args:
+    state: an optimizer state holding a ``ScheduleFreeState``.
+    params: the trained parameters y.
+
+  Returns:
+    The parameters x at which to evaluate, with the structure of ``params``.
 
   Raises:
-    ValueError: if ``state`` holds no schedule-free state.
+    ValueError: if ``state`` holds no schedule-free state, or ``params`` has another number of
+      leaves than the state's z.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.schedule_free_sgd(1.0, b1=0.5)
+    >>> y = jnp.array([0.0])
+    >>> state = opt.init(y)
+    >>> for _ in range(2):
+    ...   updates, state = opt.update(jnp.array([1.0]), state, y)
+    ...   y = optax.apply_updates(y, updates)
+    >>> print(y, oa.schedule_free_eval_params(state, y))
+    [-1.75] [-1.5]
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, *The Road Less Scheduled*, NeurIPS 2024,
+    arXiv:2405.15682.
   """
   states = C.find_states(state, ScheduleFreeState)
   if not states:
@@ -166,9 +217,26 @@ def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> op
 
 
 def is_schedule_free(state: optax.OptState) -> bool:
-  """True when ``state`` (possibly nested in chain / inject_hyperparams / masked / MultiSteps
-  states) holds a ``ScheduleFreeState``: its parameters are the gradient point y, and
-  :func:`schedule_free_eval_params` gives the ones to evaluate and export."""
+  """True when ``state`` holds a ``ScheduleFreeState`` (anywhere in nested states).
+
+  Its parameters are then the gradient point y, and :func:`schedule_free_eval_params` gives the
+  ones to evaluate and export.
+
+  Args:
+    state: any optimizer state (chain, inject_hyperparams, masked, MultiSteps, ...).
+
+  Returns:
+    Whether a schedule-free transform is part of the optimizer.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> oa.is_schedule_free(oa.schedule_free_adamw(1e-3).init(jnp.zeros(2)))
+    True
+    >>> oa.is_schedule_free(optax.adamw(1e-3).init(jnp.zeros(2)))
+    False
+  """
   return bool(C.find_states(state, ScheduleFreeState))
 
 
@@ -197,7 +265,33 @@ def schedule_free_sgd(
     mask: Any = None,
     state_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Schedule-Free SGD: u = g + weight_decay * y (decay at y, as the reference code)."""
+  """Schedule-Free SGD: the wrapper around u = g + weight_decay * y (decay at y, as the reference).
+
+  Update rule: :func:`schedule_free_wrapper` with u_t = g_t + weight_decay y_t.
+
+  Args:
+    learning_rate: gamma (scalar or schedule of the 0-based count; the reference's default 1.0).
+    b1: interpolation coefficient in (0, 1) (scalar or schedule).
+    warmup_steps: linear warmup gamma min(1, t / warmup_steps) at the 1-based step t (PyTorch's).
+    weight_decay: L2 decay added to the direction at y.
+    r: polynomial averaging power.
+    weight_lr_power: p in the averaging weights max_lr^p.
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    state_dtype: dtype of z.
+
+  Returns:
+    The full optimizer; evaluate at :func:`schedule_free_eval_params`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.schedule_free_sgd(0.1, warmup_steps=10)
+    >>> state = opt.init({"w": jnp.zeros(3)})
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, *The Road Less Scheduled*, NeurIPS 2024,
+    arXiv:2405.15682.
+  """
   return schedule_free_wrapper(
       _decay(weight_decay, mask), _with_warmup(learning_rate, warmup_steps), b1,
       weight_lr_power, r, state_dtype=state_dtype)
@@ -218,9 +312,39 @@ def schedule_free_adamw(
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free AdamW: u = g / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * y.
 
-  Bias correction in the denominator, as the current reference code (schedulefree >= 1.3);
-  ``state_dtype`` sets z's dtype (the second moment stays in the params' dtype, as optax's
-  ``scale_by_rms``).
+  Update rule: :func:`schedule_free_wrapper` around an RMS-normalised direction; bias correction in
+  the denominator, as the current reference code (schedulefree >= 1.3).
+
+  Args:
+    learning_rate: gamma (scalar or schedule of the 0-based count).
+    b1: interpolation coefficient in (0, 1) (scalar or schedule).
+    b2: second-moment decay in [0, 1).
+    eps: added to the square root of the second moment.
+    warmup_steps: linear warmup gamma min(1, t / warmup_steps) at the 1-based step t (PyTorch's).
+    weight_decay: decay added to the direction at y.
+    r: polynomial averaging power.
+    weight_lr_power: p in the averaging weights max_lr^p.
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    state_dtype: dtype of z (the second moment stays in the params' dtype, as optax's
+      ``scale_by_rms``).
+
+  Returns:
+    The full optimizer; evaluate at :func:`schedule_free_eval_params`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = oa.schedule_free_adamw(1e-2, warmup_steps=100, weight_decay=1e-4)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> eval_params = oa.schedule_free_eval_params(state, params)
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, *The Road Less Scheduled*, NeurIPS 2024,
+    arXiv:2405.15682.
   """
   C.check_beta("b2", b2)
   C.check_nonnegative("eps", eps)
@@ -247,10 +371,39 @@ def schedule_free_ademamix(
 ) -> optax.GradientTransformationExtraArgs:
   """Schedule-Free around AdEMAMix with b1 = 0 (the base has no fast momentum; SF supplies it).
 
-  u = (g + alpha * m2) / (sqrt(v_hat) + eps) + weight_decay * y, m2 = EMA_b3(g), not bias
-  corrected. Requested in facebookresearch/schedule_free#46. Defaults are ours: b3 = 0.9999 and
-  alpha = 5 as AdEMAMix; learning_rate = 5e-4 so that the long-run step (1 + alpha) * lr is close to
-  SF-AdamW's default 2.5e-3. ``state_dtype`` sets the dtype of z, m2 and v.
+  Update rule: :func:`schedule_free_wrapper` with
+  u = (g + alpha m2) / (sqrt(v_hat) + eps) + weight_decay y, m2 = EMA_b3(g), not bias corrected.
+  Requested in facebookresearch/schedule_free#46; the defaults are ours: b3 = 0.9999 and alpha = 5
+  as AdEMAMix, learning_rate = 5e-4 so that the long-run step (1 + alpha) lr is close to
+  SF-AdamW's default 2.5e-3.
+
+  Args:
+    learning_rate: gamma (scalar or schedule of the 0-based count).
+    b1: Schedule-Free interpolation coefficient in (0, 1) (scalar or schedule).
+    b2: second-moment decay in [0, 1).
+    b3: slow-EMA decay in [0, 1) (scalar or schedule).
+    alpha: slow-EMA weight >= 0 (scalar or schedule).
+    eps: added to the square root of the second moment.
+    warmup_steps: linear learning-rate warmup (PyTorch's convention).
+    weight_decay: decay added to the direction at y.
+    r: polynomial averaging power.
+    weight_lr_power: p in the averaging weights max_lr^p.
+    mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    state_dtype: dtype of z, m2 and v.
+
+  Returns:
+    The full optimizer; evaluate at :func:`schedule_free_eval_params`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_accel as oa
+    >>> opt = oa.schedule_free_ademamix(5e-4, b3=0.999, alpha=2.0)
+    >>> state = opt.init({"w": jnp.zeros(3)})
+
+  References:
+    Defazio, Yang, Mehta, Mishchenko, Khaled, Cutkosky, *The Road Less Scheduled*, NeurIPS 2024,
+    arXiv:2405.15682.
+    Pagliardini, Ablin, Grangier, *The AdEMAMix Optimizer*, ICLR 2025, arXiv:2409.03137.
   """
   base = optax.chain(
       scale_by_ademamix(b1=0.0, b2=b2, b3=b3, alpha=alpha, eps=eps, mu_dtype=state_dtype),

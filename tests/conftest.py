@@ -1,6 +1,10 @@
-"""Test configuration: 8 fake CPU devices for the sharding tests (set before JAX starts)."""
-import os
+"""Shared fixtures of the float64 reference tests (the environment is set in ../conftest.py)."""
+import pytest
+from helpers import REFERENCE_STEPS
+from references import noisy_quadratic
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+@pytest.fixture(scope="session")
+def problem():
+  """(w0, grad_fn): a noisy quadratic on two leaves for REFERENCE_STEPS steps."""
+  return noisy_quadratic(REFERENCE_STEPS)

@@ -10,6 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# The float64 reference tests: steps per run and the largest allowed |ours - reference|.
+REFERENCE_STEPS = 200
+REFERENCE_TOL = 1e-10
+
 
 def run_optax(opt, w0, grad_fn, steps, record=None):
   """Runs ``opt`` for ``steps`` steps in float64 on list-of-array params.

@@ -6,13 +6,11 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import max_abs_diff, run_optax
-from references import noisy_quadratic
+from helpers import REFERENCE_STEPS, REFERENCE_TOL, max_abs_diff, run_optax
 
 import optax_accel as oa
 
-STEPS = 200
-TOL = 1e-10
+STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def accsgd_reference(w0, grad_fn, lr, kappa, xi, c, steps):
@@ -69,11 +67,6 @@ def canonical_reference(w0, grad_fn, beta, a, b, steps, weight_decay=0.0, lr=1.0
     w = [x - a * gi - b * mi - lr * weight_decay * x for x, gi, mi in zip(w, g, m)]
     out.append(w)
   return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-  return noisy_quadratic(STEPS)
 
 
 def test_accsgd_matches_kidambi_recursion(problem):

@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_abs_diff, run_optax, sharded_vs_unsharded
-from references import noisy_quadratic
+from helpers import REFERENCE_STEPS, REFERENCE_TOL, max_abs_diff, run_optax, sharded_vs_unsharded
 
 import optax_accel as oa
 
-STEPS = 200
-TOL = 1e-10
+STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,11 +171,6 @@ def am_adamw_reference(w0, grad_fn, steps, *, lr, b2, eps, lam, beta_max, wd, de
     d, w = new_d, new_w
     out.append(w)
   return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-  return noisy_quadratic(STEPS)
 
 
 def _warmup(base, steps=30):

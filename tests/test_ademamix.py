@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_abs_diff, run_optax
-from references import half_life_beta, noisy_quadratic
+from helpers import REFERENCE_STEPS, REFERENCE_TOL, max_abs_diff, run_optax
+from references import half_life_beta
 
 import optax_accel as oa
 
-STEPS = 200
-TOL = 1e-10
+STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def ademamix_reference(w0, grad_fn, steps, *, lr, b1, b2, b3, alpha, eps, wd,
@@ -57,11 +56,6 @@ def simplified_reference(w0, grad_fn, steps, *, lr, b1, b2, alpha, eps, wd, b1_w
          for x, gi, mi, vi in zip(w, g, m, v)]
     out.append(w)
   return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-  return noisy_quadratic(STEPS)
 
 
 @pytest.mark.parametrize("b1,warmups", [(0.9, (None, None)), (0.9, (50, 120)), (0.0, (None, None)),

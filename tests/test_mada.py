@@ -6,13 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_abs_diff, run_optax, sharded_vs_unsharded
-from references import noisy_quadratic
+from helpers import REFERENCE_STEPS, REFERENCE_TOL, max_abs_diff, run_optax, sharded_vs_unsharded
 
 import optax_accel as oa
 
-STEPS = 200
-TOL = 1e-10
+STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def mada_reference(w0, grad_fn, steps, *, lr, wd, b1, b2, b3, rho, c, gamma, eps=1e-8,
@@ -54,11 +52,6 @@ def mada_reference(w0, grad_fn, steps, *, lr, wd, b1, b2, b3, rho, c, gamma, eps
     w = new_w
     out.append(w)
   return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-  return noisy_quadratic(STEPS)
 
 
 VERTICES = {

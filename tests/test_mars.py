@@ -6,13 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_abs_diff, run_optax
-from references import noisy_quadratic
+from helpers import REFERENCE_STEPS, REFERENCE_TOL, max_abs_diff, run_optax
 
 import optax_accel as oa
 
-STEPS = 200
-TOL = 1e-10
+STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def mars_reference(w0, grad_fn, steps, *, lr, b1, b2, gamma, eps, wd, variant, clip_scope,
@@ -40,11 +38,6 @@ def mars_reference(w0, grad_fn, steps, *, lr, b1, b2, gamma, eps, wd, variant, c
     g_prev = g
     out.append(w)
   return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-  return noisy_quadratic(STEPS)
 
 
 @pytest.mark.parametrize("variant", ["adamw", "lion"])

@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_abs_diff, run_optax
-from references import noisy_quadratic
+from helpers import REFERENCE_STEPS, REFERENCE_TOL, max_abs_diff, run_optax
 
 import optax_accel as oa
 
-STEPS = 200
-TOL = 1e-10
+STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def _step(count):
@@ -55,11 +53,6 @@ def sf_reference(w0, grad_fn, steps, *, lr, b1, warmup, r, p, wd, adam_b2=None, 
 def _record_y_and_x(params, state):
   x = oa.schedule_free_eval_params(state, params)
   return ([np.asarray(p) for p in params], [np.asarray(q) for q in x])
-
-
-@pytest.fixture(scope="module")
-def problem():
-  return noisy_quadratic(STEPS)
 
 
 CASES = {
