@@ -310,7 +310,7 @@ def agnes(
 
 
 # ----------------------------------------------------------------------------------------------
-# Table 1 of the spec.
+# The canonical coefficients of each variant (docs/accelerated_sgd.md §2).
 
 _CANONICAL = {
     "heavy_ball": (dict(learning_rate=1.0, beta=0.9),

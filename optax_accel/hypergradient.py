@@ -143,6 +143,11 @@ def _validate(inner_factory, learnable, rates, domain, freeze_steps, bound):
                        f"[{lo}, {hi}].")
 
 
+def _clip_by_global_norm(tree, max_norm):
+  clipped, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+  return clipped
+
+
 def _hyper_step(h, state, hyper_opt, boxes, freeze_steps):
   """Steps 2-3: one hyper-optimizer step on q, projected onto the boxes; skipped (q and the
   hyper-optimizer state kept) while frozen or when any h is not finite.
@@ -179,6 +184,7 @@ def hypergradient_wrapper(
     hyper_momentum: float = 0.0,
     hypergrad_clip: float | None = 10.0,
     tangents: str = "forward",
+    clip_norm: float | None = None,
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """Wraps ``inner_factory`` so that its ``learnable`` hyperparameters are learned.
 
@@ -209,6 +215,9 @@ def hypergradient_wrapper(
     hypergrad_clip: bound on each ``|h|`` of the default hyper-optimizer (None: off).
     tangents: "forward" (stored forward-mode tangents, any optimizer) or "closed_form" (the
       inner optimizer is a ``WithHypergradients``; nothing parameter-sized is stored here).
+    clip_norm: clip the gradient the inner optimizer sees to this global norm, while the
+      hypergradient is formed from the raw gradient, as the official MADA code does (None: no
+      clipping here; chaining ``optax.clip_by_global_norm`` in front clips both).
 
   Returns:
     A factory with ``inner_factory``'s signature, returning an
@@ -241,6 +250,8 @@ def hypergradient_wrapper(
   learnable = tuple(learnable)
   signature = inspect.signature(inner_factory)
   C.check_choice("tangents", tangents, ("forward", "closed_form"))
+  if clip_norm is not None:
+    C.check_range("clip_norm", clip_norm, 0.0, lo_open=True)
   closed_form = tangents == "closed_form"
   # Only learned values are traced; every other argument is passed through unchanged, so
   # ``static_args`` (kept for parity with inject_hyperparams) just must not name a learnable.
@@ -288,8 +299,10 @@ def hypergradient_wrapper(
       q, hyper_state, finite = _hyper_step(h, state, hyper_opt, boxes, freeze_steps)
 
       # 4. the parameter update with the new q (linearised in q for the next hypergradient).
+      grads = updates if clip_norm is None else _clip_by_global_norm(updates, clip_norm)
+
       def inner_update(q_):
-        return tuple(build(q_).update(updates, state.inner_state, params, **extra_args))
+        return tuple(build(q_).update(grads, state.inner_state, params, **extra_args))
 
       if closed_form:
         (new_updates, inner_state), tangents = inner_update(q), {}

@@ -428,6 +428,7 @@ def mada(
     hyper_lr: Any | None = None,
     hyper_momentum: float = 0.0,
     freeze_steps: int = 0,
+    clip_norm: float | None = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MADA: the six coefficients learned by one-step hypergradient descent.
@@ -453,6 +454,8 @@ def mada(
     hyper_lr: a float for every coefficient, or a dict updating ``MADA_HYPER_LR``.
     hyper_momentum: heavy-ball momentum of the hyper-optimizer.
     freeze_steps: the coefficients stay fixed for this many steps.
+    clip_norm: global-norm clip of the gradient the parameter update sees; the hypergradient
+      uses the raw gradient, as the official code (None: no clipping inside).
     mu_dtype: dtype of every buffer.
 
   Returns:
@@ -480,7 +483,7 @@ def mada(
       mada_optimizer, learnable=tuple(learned),
       hyper_lr=per_name(hyper_lr, tuple(learned), MADA_HYPER_LR), domain=MADA_DOMAIN,
       hyper_momentum=hyper_momentum, freeze_steps=freeze_steps, tangents="closed_form",
-      static_args=("mask", "eps", "mu_dtype"))(
+      clip_norm=clip_norm, static_args=("mask", "eps", "mu_dtype"))(
           learning_rate, weight_decay=weight_decay, mask=mask, eps=eps, mu_dtype=mu_dtype,
           closed_form_hypergradients=True, **learned)
 
@@ -496,6 +499,7 @@ def hyperadam(
     hyper_momentum: float = 0.0,
     freeze_steps: int = 0,
     mask: Any = None,
+    clip_norm: float | None = None,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """HyperAdam: AdamW with b1 and b2 learned by hypergradient descent.
@@ -515,6 +519,8 @@ def hyperadam(
     hyper_momentum: heavy-ball momentum of the hyper-optimizer.
     freeze_steps: the coefficients stay fixed for this many steps.
     mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
+    clip_norm: global-norm clip of the gradient the parameter update sees; the hypergradient
+      uses the raw gradient, as the official code (None: no clipping inside).
     mu_dtype: dtype of every buffer.
 
   Returns:
@@ -535,7 +541,7 @@ def hyperadam(
   return hypergradient_wrapper(
       mada_optimizer, learnable=("b1", "b2"), hyper_lr=hyper_lr,
       domain={"b1": (0.01, 0.99), "b2": (0.501, 0.9999)}, hyper_momentum=hyper_momentum,
-      freeze_steps=freeze_steps, tangents="closed_form")(
+      freeze_steps=freeze_steps, tangents="closed_form", clip_norm=clip_norm)(
           learning_rate, b1=b1, b2=b2, b3=0.0, rho=1.0, c=1.0, gamma=1.0,
           weight_decay=weight_decay, mask=mask, eps=eps, mu_dtype=mu_dtype,
           closed_form_hypergradients=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def noisy_quadratic(steps: int, shapes=((3, 4), (5,)), seed: int = 0):
+def noisy_quadratic(steps: int, shapes=((3, 4), (5,)), seed: int = 0, noise_scale: float = 0.3):
   """A fixed two-tensor quadratic f(w) = sum_i 0.5 * h_i * w_i^2 - c_i w_i with additive noise.
 
   Returns (w0, grad_fn): grad_fn(t, w) is the stochastic gradient at 1-based step t, a
@@ -16,7 +16,7 @@ def noisy_quadratic(steps: int, shapes=((3, 4), (5,)), seed: int = 0):
   rng = np.random.default_rng(seed)
   curv = [rng.uniform(0.1, 3.0, size=s) for s in shapes]
   centre = [rng.normal(size=s) for s in shapes]
-  noise = rng.normal(scale=0.3, size=(steps + 1, sum(int(np.prod(s)) for s in shapes)))
+  noise = rng.normal(scale=noise_scale, size=(steps + 1, sum(int(np.prod(s)) for s in shapes)))
   w0 = [rng.normal(size=s) for s in shapes]
 
   def grad_fn(t, w):
@@ -31,6 +31,6 @@ def noisy_quadratic(steps: int, shapes=((3, 4), (5,)), seed: int = 0):
 
 
 def half_life_beta(beta_start, beta_end, a):
-  """Spec §4 closed form of the half-life-linear scheduler at fraction a in [0, 1]."""
+  """docs/ademamix.md §1 closed form of the half-life-linear scheduler at fraction a in [0, 1]."""
   ls, le = np.log(beta_start), np.log(beta_end)
   return np.exp(ls * le / ((1 - a) * le + a * ls))

@@ -19,7 +19,7 @@ STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def dual(beta, f_now, f_hat, g, d, lam, lr):
-  """Spec §1.4 dual: (1-b) f + b f_hat - lr/(2(1+lam)) ||g + lam d + b (d - g)||^2."""
+  """Paper eq. 11 (docs/adaptive_memory.md §1), the dual: (1-b) f + b f_hat - lr/(2(1+lam)) ||g + lam d + b (d - g)||^2."""
   v = g + lam * d + beta * (d - g)
   return (1 - beta) * f_now + beta * f_hat - lr / (2 * (1 + lam)) * np.sum(v * v)
 
@@ -31,7 +31,7 @@ def primal(s, f_now, f_hat, g, d, lam, lr):
 
 
 def beta_star(f_now, f_hat, g, d, lam, lr):
-  """Spec §1.4 closed form, clipped to [0, 1]."""
+  """Paper eq. 12 (docs/adaptive_memory.md §1), clipped to [0, 1]."""
   delta = d - g
   return float(np.clip(((1 + lam) * (f_hat - f_now) / lr - delta @ (g + lam * d)) / (delta @ delta),
                        0.0, 1.0))
@@ -99,7 +99,7 @@ def _groups(leaves, granularity):
 
 def am_sgd_reference(w0, grad_fn, steps, *, lr, lam, beta_max, beta_min=0.0, wd=0.0,
                      granularity="global", restart=None, ratio=True):
-  """Spec §2 pseudocode; lr is a function of the 0-based count."""
+  """docs/adaptive_memory.md §2; lr is a function of the 0-based count."""
   w = [x.copy() for x in w0]
   d, out, betas = None, [], []
   for t in range(1, steps + 1):
@@ -132,7 +132,7 @@ def am_sgd_reference(w0, grad_fn, steps, *, lr, lam, beta_max, beta_min=0.0, wd=
 
 def am_adamw_reference(w0, grad_fn, steps, *, lr, b2, eps, lam, beta_max, wd, decay_mask,
                        granularity="per_tensor", beta_min=0.0, restart=None, ratio=True):
-  """Spec §3 with decoupled decay mu = wd on the leaves where decay_mask is True."""
+  """docs/adaptive_memory.md §3 with decoupled decay mu = wd on the leaves where decay_mask is True."""
   w = [x.copy() for x in w0]
   d = [np.zeros_like(x) for x in w0]
   v = [np.zeros_like(x) for x in w0]

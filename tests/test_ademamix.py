@@ -18,7 +18,7 @@ STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 def ademamix_reference(w0, grad_fn, steps, *, lr, b1, b2, b3, alpha, eps, wd,
                        alpha_warmup=None, b3_warmup=None):
-  """Spec §4; schedulers evaluated at the 0-based count k = t - 1 (optax convention)."""
+  """docs/ademamix.md §1; schedulers evaluated at the 0-based count k = t - 1 (optax convention)."""
   m1 = [np.zeros_like(x) for x in w0]
   m2 = [np.zeros_like(x) for x in w0]
   v = [np.zeros_like(x) for x in w0]
@@ -109,7 +109,7 @@ def test_simplified_ademamix_matches_optax_contrib(problem):
 
 
 def test_ademamix_b1_0_equals_simplified_ademamix(problem):
-  """Spec §5: AdEMAMix(b1=0, b3, alpha, lr, wd) = SimAdEMAMix(b3, 1/(alpha(1-b3)),
+  """docs/ademamix.md §2: AdEMAMix(b1=0, b3, alpha, lr, wd) = SimAdEMAMix(b3, 1/(alpha(1-b3)),
   lr alpha (1-b3), wd/(alpha(1-b3)))."""
   w0, grad_fn = problem
   lr, b3, alpha, wd = 0.01, 0.99, 8.0, 0.01

@@ -206,3 +206,20 @@ def test_two_processes_with_jax_distributed_match_single_process(corpus, tmp_pat
                    for f in ("multi.jsonl", "single.jsonl"))
   assert len(multi) == 10
   np.testing.assert_allclose(multi, single, rtol=1e-6)
+
+
+def test_hypergradients_are_formed_from_unclipped_gradients_unless_told():
+  """MADA/HyperAdam get the clip inside (``clip_norm``: the update sees clipped gradients, the
+  hypergradient the raw ones, as the official code); ``optim.hypergrad_grads=clipped`` chains
+  the clip in front as for every other optimizer."""
+  params = {"w": jnp.ones((3, 4))}
+  for grads_for_h, clipped_in_front in (("unclipped", False), ("clipped", True)):
+    cfg = train_lib.build_config("tiny", {"optim.name": "hyperadam", "optim.clip": 0.5,
+                                          "optim.hypergrad_grads": grads_for_h})
+    state = train_lib.make_optimizer(cfg, params).init(params)
+    assert isinstance(state[0], optax.EmptyState) == clipped_in_front, grads_for_h
+    assert isinstance(state, oa.HypergradientState) != clipped_in_front, grads_for_h
+  adamw = train_lib.build_config("tiny", {"optim.name": "adamw", "optim.clip": 0.5})
+  assert isinstance(train_lib.make_optimizer(adamw, params).init(params)[0], optax.EmptyState)
+  with pytest.raises(train_lib.ConfigError, match="optim.hypergrad_grads"):
+    train_lib.build_config("tiny", {"optim.hypergrad_grads": "raw"})

@@ -16,7 +16,7 @@ STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 def mada_reference(w0, grad_fn, steps, *, lr, wd, b1, b2, b3, rho, c, gamma, eps=1e-8,
                    lion_b1=0.95, lion_b2=0.98, n_init_g_squared=True,
                    lion_uses_updated_momentum=True, bias_correct_n=False):
-  """Spec §1.3 in the code's order, with decoupled decay x <- x - lr (U + wd x)."""
+  """docs/mada.md §1 in the code's order, with decoupled decay x <- x - lr (U + wd x)."""
   zeros = lambda: [np.zeros_like(x) for x in w0]  # noqa: E731
   m, n, g_prev, ml = zeros(), zeros(), zeros(), zeros()
   v = [np.full_like(x, 1e-15) for x in w0]
@@ -138,30 +138,34 @@ def _history(opt, loss, x0, steps):
   return out
 
 
+LR = lambda count: 1e-2 * 0.7 ** count  # noqa: E731  a decaying schedule
+
+
 @pytest.mark.parametrize("case", ["mada", "mada_closed_form", "adam", "hyperadam"])
 def test_hypergradient_equals_autodiff_of_unrolled_step(case):
-  """h_t = d f(x_{t-1}(q)) / dq, x_{t-1} = x_{t-2} + Delta(q; g_{t-1}, state_{t-2})."""
+  """h_t = d f(x_{t-1}(q)) / dq, x_{t-1} = x_{t-2} + Delta(q; g_{t-1}, state_{t-2}), under a
+  decaying learning rate (so that Delta must use lr_{t-1}, the rate of the step it came from)."""
   with jax.enable_x64(True):
     loss, x0 = _quadratic()
     if case == "mada":
       coeffs = VERTICES["interior"]
       opt = oa.hypergradient_wrapper(oa.mada_optimizer, tuple(coeffs), 1e-3,
-                                     hypergrad_clip=None)(1e-2, **coeffs)
-      inner = lambda q: oa.mada_optimizer(1e-2, **q)  # noqa: E731
+                                     hypergrad_clip=None)(LR, **coeffs)
+      inner = lambda q: oa.mada_optimizer(LR, **q)  # noqa: E731
     elif case == "mada_closed_form":
       coeffs = VERTICES["interior"]
       opt = oa.hypergradient_wrapper(oa.mada_optimizer, tuple(coeffs), 1e-3, hypergrad_clip=None,
                                      tangents="closed_form")(
-                                         1e-2, closed_form_hypergradients=True, **coeffs)
-      inner = lambda q: oa.mada_optimizer(1e-2, closed_form_hypergradients=True, **q)  # noqa
+                                         LR, closed_form_hypergradients=True, **coeffs)
+      inner = lambda q: oa.mada_optimizer(LR, closed_form_hypergradients=True, **q)  # noqa
     elif case == "hyperadam":  # closed form at the Adam vertex, with pruned buffers
-      opt = oa.hyperadam(1e-2, b1=0.9, b2=0.99)
+      opt = oa.hyperadam(LR, b1=0.9, b2=0.99)
       inner = lambda q: oa.mada_optimizer(  # noqa: E731
-          1e-2, b3=0.0, rho=1.0, c=1.0, gamma=1.0, closed_form_hypergradients=True, **q)
+          LR, b3=0.0, rho=1.0, c=1.0, gamma=1.0, closed_form_hypergradients=True, **q)
     else:
       opt = oa.hypergradient_wrapper(optax.adam, ("b1", "b2"), 1e-3, hypergrad_clip=None)(
-          1e-2, b1=0.9, b2=0.99)
-      inner = lambda q: optax.adam(1e-2, **q)  # noqa: E731
+          LR, b1=0.9, b2=0.99)
+      inner = lambda q: optax.adam(LR, **q)  # noqa: E731
     history = _history(opt, loss, x0, 6)
     for t in (3, 5, 6):
       x_prev2, state_prev2 = history[t - 2]  # before step t-1
@@ -183,7 +187,7 @@ def test_hypergradient_equals_autodiff_of_unrolled_step(case):
 
 
 def mada_partials(g, g_prev, m_prev, v_prev, n_prev, vbar_prev, ml_prev, t, q, eps=1e-8):
-  """Spec §2.2 closed forms of dU_t/dq (vbar_t held fixed), NumPy, one tensor."""
+  """docs/mada.md §3 closed forms of dU_t/dq (vbar_t held fixed), NumPy, one tensor."""
   b1, b2, b3, rho, c, gamma = (q[k] for k in ("b1", "b2", "b3", "rho", "c", "gamma"))
   d = g - g_prev
   g_hat = g + b3 * d
@@ -343,3 +347,58 @@ def test_under_scan_and_jit():
 def test_bad_input(call, arg):
   with pytest.raises(ValueError, match=arg):
     call()
+
+
+@pytest.mark.parametrize("name", ["mada", "hyperadam"])
+def test_hypergradient_is_formed_from_the_unclipped_gradient(name):
+  """``clip_norm`` clips what the update sees, not the hypergradient (the official code). With
+  the hyper-step off both runs share the state after step 2, and h_3 = -lr <g_3, dU_2/dq> is
+  linear in g_3: from the raw g_3 it is ||g_3|| / clip times the one from the clipped g_3.
+  (At step 2 the b1 partial is 0: the bias-corrected m_1 does not depend on b1.)"""
+  factory = getattr(oa, name)
+  clip = 0.5
+  x = jnp.linspace(-1.0, 1.0, 6)
+  grads = (3.0 * jnp.cos(3 * x) + 1.0, 4.0 * jnp.sin(2 * x) - 2.0, 5.0 * x ** 2 - 1.5)
+  inside = factory(1e-2, hyper_lr=0.0, clip_norm=clip)
+  outside = optax.chain(optax.clip_by_global_norm(clip), factory(1e-2, hyper_lr=0.0))
+  h = {}
+  for label, opt in (("inside", inside), ("outside", outside)):
+    state = opt.init(x)
+    for g in grads:
+      _, state = opt.update(g, state, x)
+    h[label] = {k: float(v) for k, v in oa.get_diagnostics(state).items()
+                if k.startswith("hypergrad/") and k != "hypergrad/nonfinite_skips"}
+  ratio = float(jnp.linalg.norm(grads[-1])) / clip
+  assert ratio > 5
+  for key, value in h["outside"].items():
+    assert value != 0.0, key
+    assert h["inside"][key] == pytest.approx(ratio * value, rel=1e-5), key
+
+
+def test_clip_norm_must_be_positive():
+  with pytest.raises(ValueError, match="clip_norm"):
+    oa.mada(1e-3, clip_norm=0.0)
+
+
+def test_mada_defaults_are_the_official_owt_settings():
+  """Hyper-learning rates, boxes and the per-coefficient clip |h| <= 10 of the official code's
+  GPT-2/OpenWebText runs (docs/mada.md §4), pinned by value and by one hyper-step."""
+  assert oa.MADA_HYPER_LR == {"b1": 5e-4, "b2": 5e-4, "b3": 0.1, "rho": 0.1, "c": 0.1,
+                              "gamma": 0.1}
+  assert oa.MADA_DOMAIN == {"b1": (0.01, 0.99), "b2": (0.501, 0.99), "b3": (0.0, 0.99),
+                            "rho": (0.0, 1.0), "c": (0.0, 1.0), "gamma": (0.0, 1.0)}
+  opt = oa.mada(1.0, b1=0.5, b2=0.8, b3=0.5, rho=0.5, c=0.5, gamma=0.5)
+  x = jnp.linspace(-1.0, 1.0, 8)
+  grads = [1e3 * jnp.sin(3.0 * x + k) for k in range(3)]
+  state = opt.init(x)
+  for g in grads[:2]:
+    _, state = opt.update(g, state, x)
+  before = {k: float(v) for k, v in state.hyperparams.items()}
+  _, after = opt.update(grads[2], state, x)
+  for name, rate in oa.MADA_HYPER_LR.items():
+    h = float(after.hypergradients[name])
+    clipped = h * min(1.0, 10.0 / (abs(h) + 1e-6))
+    lo, hi = oa.MADA_DOMAIN[name]
+    expected = min(max(before[name] - rate * clipped, lo), hi)
+    assert float(after.hyperparams[name]) == pytest.approx(expected, rel=1e-6, abs=1e-7), name
+  assert sum(abs(float(h)) > 10 for h in after.hypergradients.values()) >= 2  # the clip acts

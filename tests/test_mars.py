@@ -62,7 +62,7 @@ def test_clipping_is_active_in_the_reference_problem(problem):
 
 
 def test_unclipped_first_moment_is_gamma_g_plus_ema(problem):
-  """Spec §6: without clipping, m_t = gamma g_t + (1 - gamma) EMA_b1(g)_t exactly."""
+  """docs/mars.md §1: without clipping, m_t = gamma g_t + (1 - gamma) EMA_b1(g)_t exactly."""
   w0, grad_fn = problem
   b1, gamma = 0.95, 0.025
   opt = oa.scale_by_mars(b1, gamma=gamma, clip_scope="none")
@@ -98,7 +98,7 @@ def test_mars_canonical_coefficients_give_first_moment(problem):
 
 
 def test_lion_pre_sign_vector_is_accelerated_sgd(problem):
-  """Spec §7: sign((b1/b2) m_t + (1 - b1/b2) g_t) with m the b2-EMA is optax's Lion direction."""
+  """docs/mars.md §2: sign((b1/b2) m_t + (1 - b1/b2) g_t) with m the b2-EMA is optax's Lion direction."""
   w0, grad_fn = problem
   c = oa.canonical_coefficients("lion", b1=0.9, b2=0.99)
   canonical = optax.chain(

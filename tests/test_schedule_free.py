@@ -23,7 +23,7 @@ def _step(count):
 def sf_reference(w0, grad_fn, steps, *, lr, b1, warmup, r, p, wd, adam_b2=None, eps=1e-8):
   """PyTorch reference form (z, x, y), t 1-indexed; returns [(y_t, x_t)] after each step.
 
-  ``b1`` may be a function of the 1-based step.
+  ``b1`` and ``lr`` may be functions of the 1-based step.
   """
   z = [x.copy() for x in w0]
   x = [v.copy() for v in w0]
@@ -32,7 +32,8 @@ def sf_reference(w0, grad_fn, steps, *, lr, b1, warmup, r, p, wd, adam_b2=None, 
   lr_max, weight_sum, out = 0.0, 0.0, []
   for t in range(1, steps + 1):
     beta = b1(t) if callable(b1) else b1
-    gamma = lr * min(1.0, t / warmup) if warmup else lr
+    gamma = lr(t) if callable(lr) else lr
+    gamma = gamma * min(1.0, t / warmup) if warmup else gamma
     g = grad_fn(t, y)
     if adam_b2 is None:
       u = [gi + wd * yi for gi, yi in zip(g, y)]
@@ -62,6 +63,17 @@ CASES = {
               lambda: oa.schedule_free_adamw(0.02, 0.9, 0.999, warmup_steps=20,
                                              weight_decay=0.01, r=0.5)),
 }
+
+
+def _rise_and_decay(step, xp=jnp):
+  """A learning rate that rises for 20 steps and then decays (its running max != its value)."""
+  return 0.05 * xp.minimum(1.0, step / 20) * 0.98 ** xp.maximum(step - 20, 0)
+
+
+CASES["sgd_decaying_lr"] = (
+    dict(lr=lambda t, xp=np: _rise_and_decay(t, xp), b1=0.9, warmup=0, r=0.5, p=2.0, wd=0.01),
+    lambda: oa.schedule_free_sgd(lambda count: _rise_and_decay(_step(count)), 0.9,
+                                 weight_decay=0.01, r=0.5))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -113,7 +125,8 @@ def _averaging_weights(lr, warmup, r, p, steps):
   c = np.ones(steps + 2)
   lr_max, weight_sum = 0.0, 0.0
   for t in range(1, steps + 1):
-    gamma = lr * min(1.0, t / warmup) if warmup else lr
+    gamma = lr(t) if callable(lr) else lr
+    gamma = gamma * min(1.0, t / warmup) if warmup else gamma
     lr_max = max(lr_max, gamma)
     weight = t**r * lr_max**p
     weight_sum += weight
@@ -123,7 +136,7 @@ def _averaging_weights(lr, warmup, r, p, steps):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_theorem_schedule_free_is_accelerated_sgd_plus_averaging(problem, case):
-  """Spec §2: y follows canonical accelerated SGD with beta_t = 1 - c_t, current weight
+  """docs/schedule_free.md §2: y follows canonical accelerated SGD with beta_t = 1 - c_t, current weight
   (1 - b1) gamma_t, momentum weight b1 c_{t+1}; x is the rho-average of y. Every step, 1e-10."""
   w0, grad_fn = problem
   hyper, make = CASES[case]
@@ -133,7 +146,9 @@ def test_theorem_schedule_free_is_accelerated_sgd_plus_averaging(problem, case):
   # NumPy tables, turned into jnp arrays inside the traced schedules (float64 there).
   c_t = np.concatenate([[1.0], c[1:STEPS + 1]])
   c_next = c[1:STEPS + 2]
-  gamma = lambda k: lr * jnp.minimum(1.0, _step(k) / warmup)  # noqa: E731
+  def gamma(k):
+    value = lr(_step(k), jnp) if callable(lr) else lr
+    return value * jnp.minimum(1.0, _step(k) / warmup) if warmup else value
   if "adam_b2" in hyper:
     precondition = optax.scale_by_rms(hyper["adam_b2"], 1e-8, eps_in_sqrt=False,
                                       bias_correction=True)

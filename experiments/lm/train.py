@@ -68,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
     "optim.weight_decay": 0.1,
     "optim.decay": "matrices",  # "matrices" (not embeddings), "all" or "none"
     "optim.clip": 1.0,  # global-norm clip, 0: off
+    # Learned-hyperparameter optimizers (MADA, HyperAdam): form the hypergradient from the
+    # "unclipped" gradient and clip only what the update sees (the official MADA code), or
+    # from the "clipped" one (the clip chained in front, as for every other optimizer).
+    "optim.hypergrad_grads": "unclipped",
     "optim.kwargs": {},
     "train.on_nan": "stop",  # non-finite loss/gradient: "stop" (exit 3) or "skip" the step
     "train.max_skips": 10,  # with on_nan=skip: stop after this many consecutive skipped steps
@@ -182,7 +186,8 @@ def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dic
   if not _is_int(cfg["optim.warmup"]) or cfg["optim.warmup"] < 0:
     raise ConfigError(f"optim.warmup must be an integer >= 0, got {cfg['optim.warmup']!r}")
   choices = {"optim.schedule": ("cosine", "constant"), "optim.decay": ("matrices", "all", "none"),
-             "train.on_nan": ("stop", "skip"), "model.remat": tuple(model_lib.REMAT_POLICIES)}
+             "train.on_nan": ("stop", "skip"), "model.remat": tuple(model_lib.REMAT_POLICIES),
+             "optim.hypergrad_grads": ("unclipped", "clipped")}
   for key, allowed in choices.items():
     if cfg[key] not in allowed:
       raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
@@ -240,13 +245,17 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
   if spec.takes_weight_decay:
     kwargs.setdefault("weight_decay", 0.0 if cfg["optim.decay"] == "none"
                       else cfg["optim.weight_decay"])
+  clip_inside = (cfg["optim.clip"] and spec.learns_hyperparameters
+                 and cfg["optim.hypergrad_grads"] == "unclipped")
+  if clip_inside:
+    kwargs.setdefault("clip_norm", cfg["optim.clip"])
   if spec.takes_mask and cfg["optim.decay"] == "matrices":
     kwargs.setdefault("mask", decay_mask(params, "matrices"))
   try:
     opt = oa.get_optimizer(name, schedule, **kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"optimizer {name!r}: {e}") from None
-  if cfg["optim.clip"]:
+  if cfg["optim.clip"] and not clip_inside:
     opt = optax.chain(optax.clip_by_global_norm(cfg["optim.clip"]), opt)
   return opt
 
