@@ -19,7 +19,8 @@ STEPS, TOL = REFERENCE_STEPS, REFERENCE_TOL
 
 
 def dual(beta, f_now, f_hat, g, d, lam, lr):
-  """Paper eq. 11 (docs/adaptive_memory.md §1), the dual: (1-b) f + b f_hat - lr/(2(1+lam)) ||g + lam d + b (d - g)||^2."""
+  """Paper eq. 11 (docs/adaptive_memory.md §1), the dual:
+  (1-b) f + b f_hat - lr/(2(1+lam)) ||g + lam d + b (d - g)||^2."""
   v = g + lam * d + beta * (d - g)
   return (1 - beta) * f_now + beta * f_hat - lr / (2 * (1 + lam)) * np.sum(v * v)
 
