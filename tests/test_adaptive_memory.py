@@ -214,6 +214,34 @@ def test_am_adamw_matches_reference(problem, granularity, variant):
   assert max_abs_diff(run_optax(opt, w0, grad_fn, STEPS), ref) <= TOL
 
 
+def _jax_float(count):
+  return jnp.asarray(count, jnp.result_type(float))
+
+
+def test_am_adamw_with_interior_beta_and_firing_restarts():
+  """A problem where the closed-form beta is strictly inside (0, beta_max) on most steps (the
+  iterates oscillate around the minimum: lr about 0.5, little noise), so every term of the beta
+  formula matters, and where Restart fires; both frequencies asserted, both runs against the
+  reference. The learning rate decays every step, so the gap's lr_{t-1}/lr_t factor is not 1."""
+  from references import noisy_quadratic  # pylint: disable=import-outside-toplevel
+  w0, grad_fn = noisy_quadratic(STEPS, noise_scale=0.01)
+  common = dict(b2=0.999, eps=1e-8, lam=0.1, beta_max=0.9, wd=0.1, decay_mask=[True, False])
+  record = lambda p, s: ([np.asarray(x) for x in p],  # noqa: E731
+                         [float(b) for b in jax.tree.leaves(s[0].beta)], int(s[0].restarts))
+  for restart in (None, 0.7):
+    ref = am_adamw_reference(w0, grad_fn, STEPS, lr=lambda k: 0.5 * 0.997 ** k, restart=restart,
+                             **common)
+    opt = oa.am_adamw(lambda k: 0.5 * 0.997 ** _jax_float(k), 0.999, 1e-8, 0.1, 0.9,
+                      weight_decay=0.1, mask=[True, False], restart_threshold=restart)
+    ours = run_optax(opt, w0, grad_fn, STEPS, record=record)
+    assert max_abs_diff([o[0] for o in ours], ref) <= TOL, restart
+    if restart is None:
+      betas = np.array([o[1] for o in ours[1:]])
+      assert np.mean((betas > 1e-6) & (betas < 0.9 - 1e-6)) > 0.5
+    else:
+      assert ours[-1][2] >= 10, ours[-1][2]  # restarts fired (22 times)
+
+
 def test_am_adamw_first_step_is_adamw_first_step():
   params = {"w": jnp.array([1.0, -2.0, 0.5])}
   g = {"w": jnp.array([0.3, -0.1, 2.0])}
