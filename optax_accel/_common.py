@@ -282,6 +282,21 @@ def get_diagnostics(state: Any) -> dict[str, jax.Array]:
   momentum coefficient, averaging weight, learned coefficients, ...); the scalar hyperparameters
   of an ``inject_hyperparams`` state are included under their own names (e.g. "learning_rate").
   A name met twice gets a numeric suffix ("b1", "b1_1", ...).
+
+  Args:
+    state: any optimizer state.
+
+  Returns:
+    ``{name: scalar}``, ready to log.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_accel as oa
+    >>> opt = optax.inject_hyperparams(oa.am_sgd)(learning_rate=0.1)
+    >>> state = opt.init(jnp.zeros(2))
+    >>> sorted(oa.get_diagnostics(state))
+    ['am_beta', 'am_restarts', 'beta_max', 'beta_min', 'lam', 'learning_rate', 'weight_decay']
   """
   out: dict[str, jax.Array] = {}
 

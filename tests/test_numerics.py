@@ -42,13 +42,3 @@ def test_overflowing_square_gives_finite_parameters(case, name):
   assert _all_finite(params), name
   for key, value in diagnostics.items():
     assert not bool(jnp.any(jnp.isnan(value))), (name, key)
-
-
-def test_mix_is_exact_at_static_endpoints_and_differentiable():
-  from optax_accel import _common as C  # pylint: disable=import-outside-toplevel
-  inf = jnp.array([jnp.inf, 1.0])
-  assert jnp.array_equal(C.mix(1.0, jnp.array([2.0, 3.0]), inf), jnp.array([2.0, 3.0]))
-  assert jnp.array_equal(C.mix(0.0, inf, jnp.array([2.0, 3.0])), jnp.array([2.0, 3.0]))
-  # A dynamic weight keeps d/dweight = a - b (hypergradients), even at the ends of its range.
-  assert jax.grad(lambda w: C.mix(w, 2.0, 5.0))(jnp.array(1.0)) == -3.0
-  assert jax.jit(C.mix)(0.25, jnp.array(4.0), jnp.array(8.0)) == 7.0
