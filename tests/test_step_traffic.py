@@ -42,14 +42,19 @@ def _measure(size, names):
 
 
 def test_same_algorithm_as_optax_moves_at_most_2_percent_more_bytes():
-  ours = [n for n in step_traffic.OPTAX_VERSION if n not in ("adamw", "sgd", "lion")]
+  # sgd and lion are optax's own; schedule_free_sgd (1.130 vs optax's 1.130) is in the results
+  # table, left out here for the CI budget (two more 124M compiles).
+  ours = ["schedule_free_adamw", "simplified_ademamix", "ademamix"]
   rows = _measure("124m", ours + [step_traffic.OPTAX_VERSION[n] for n in ours])
   for name in ours:
     goal = step_traffic.target(name, rows)
     assert rows[name]["tpu ratio"] <= goal, (name, rows[name]["tpu ratio"], goal)
 
 
-OURS = [n for n in oa.list_optimizers() if n not in ("adamw", "sgd", "lion")]  # optax's own
+# optax's own (adamw, sgd, lion) and the canonical-form variants that compile the same transform
+# as accelerated_sgd with other constants (accsgd, mass_sgd, agnes) are left out.
+OURS = [n for n in oa.list_optimizers()
+        if n not in ("adamw", "sgd", "lion", "accsgd", "mass_sgd", "agnes")]
 
 
 def test_every_step_is_at_its_streaming_ideal_over_hbm():

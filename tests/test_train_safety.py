@@ -52,33 +52,32 @@ def _steps(tmp_path):
   return sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
 
 
-def test_signals_save_and_resume_is_bitwise_identical(corpus, tmp_path):
-  """SIGINT and SIGTERM mid-run each finish the step, save, exit 128+signum with a one-line
-  hint; --resume then gives exactly the metrics of an uninterrupted run (computed once)."""
-  steps = 400
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resume_is_bitwise_identical(corpus, tmp_path, sig):
+  """A signal mid-run finishes the step, saves, exits 128+signum with a one-line hint; --resume
+  then gives exactly the metrics of an uninterrupted run."""
+  steps = 200
   straight = tmp_path / "straight"
   _run(_args(corpus, straight, steps, **{"ckpt.interval": 10_000}), check_rc=0)
-  reference = _records(straight / "metrics.jsonl")
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    run = tmp_path / sig.name
-    args = _args(corpus, run, steps, **{"ckpt.interval": 10_000})
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.lm.train", *args], cwd=ROOT,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(_records(metrics)) < 20):
-      time.sleep(0.2)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + sig, (sig.name, err[-2000:])
-    last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("interrupted: ") and "--resume" in last, (sig.name, err[-2000:])
-    stopped_at = len(_records(metrics))
-    assert 20 <= stopped_at < steps and _steps(run) == [stopped_at], sig.name
-    _run(args + ["--resume"], check_rc=0)
-    resumed = _records(metrics)
-    assert [r["step"] for r in resumed] == list(range(1, steps + 1)), sig.name
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference], sig.name
+  run = tmp_path / "run"
+  args = _args(corpus, run, steps, **{"ckpt.interval": 10_000})
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.lm.train", *args], cwd=ROOT,
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = run / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(_records(metrics)) < 20):
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + sig, err[-2000:]
+  last = [line for line in err.splitlines() if line.strip()][-1]
+  assert last.startswith("interrupted: ") and "--resume" in last, err[-2000:]
+  stopped_at = len(_records(metrics))
+  assert 20 <= stopped_at < steps and _steps(run) == [stopped_at]
+  _run(args + ["--resume"], check_rc=0)
+  resumed, reference = _records(metrics), _records(straight / "metrics.jsonl")
+  assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
 
 
 def test_checkpoints_are_kept_at_the_default_interval_and_keep_must_be_positive(corpus, tmp_path):

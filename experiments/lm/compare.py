@@ -115,8 +115,11 @@ PRESETS = {
 
 
 def run_preset(name: str, scale: str, out: str | None = None, data_path: str | None = None,
-               overrides_extra: dict | None = None) -> list[dict]:
-  """Runs every (run, batch, seed) of a preset; writes table.{md,csv} and curves.png."""
+               overrides_extra: dict | None = None,
+               optimizers: tuple[str, ...] | None = None) -> list[dict]:
+  """Runs every (run, batch, seed) of a preset; writes table.{md,csv} and curves.png.
+
+  ``optimizers``: only the runs of these registry names (default: all of the preset's)."""
   preset = PRESETS[name]
   overrides = dict(preset.overrides)
   batch_sizes = preset.batch_sizes
@@ -128,7 +131,8 @@ def run_preset(name: str, scale: str, out: str | None = None, data_path: str | N
   if data_path:
     overrides["data.path"] = data_path
   rows, curves = [], {}
-  for run in preset.runs:
+  runs = [r for r in preset.runs if optimizers is None or r.optimizer in optimizers]
+  for run in runs:
     for batch in batch_sizes:
       for seed in preset.seeds:
         settings = {**overrides, "optim.name": run.optimizer, "train.seed": seed,
