@@ -115,9 +115,9 @@ def target(name: str, rows: dict, backend: str = "tpu") -> float | None:
 
 def measure(names, params, backends) -> dict:
   """name -> figures per backend (``"tpu bytes_per_param"``, ...), ratios to optax.adamw."""
-  rows = {}
+  rows, builders = {}, factories()
   for name in names:
-    opt = factories()[name]()
+    opt = builders[name]()
     row = {"optimizer": name}
     for backend in backends:
       figures = compile_step(opt, params, target_device(backend))

@@ -59,13 +59,6 @@ def entry_instructions(hlo: str) -> list:
           for name, shape, op, rest in parsed]
 
 
-def op_counts(instructions: list) -> dict:
-  counts: dict = {}
-  for ins in instructions:
-    counts[ins.op] = counts.get(ins.op, 0) + 1
-  return counts
-
-
 def kernels(instructions: list) -> int:
   """Instructions that run (not parameters, constants, tuples, bitcasts or async completions)."""
   return sum(ins.op not in _NOT_KERNELS + _ASYNC_DONE for ins in instructions)
