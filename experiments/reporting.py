@@ -34,19 +34,40 @@ def _fmt(value: Any) -> str:
   return "" if value is None else str(value)
 
 
-def write_table(path_stem: str, rows: Sequence[dict], *, title: str, notes: Sequence[str] = ()
-                ) -> str:
-  """Writes ``path_stem``.csv and ``path_stem``.md; returns the Markdown text."""
-  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
-  columns = list(rows[0])
-  with open(path_stem + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+def _write_csv(path: str, rows: Sequence[dict]):
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+
+
+def _markdown(rows: Sequence[dict]) -> list[str]:
+  columns = list(rows[0])
+  return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+          + ["| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in columns) + " |"
+             for r in rows])
+
+
+def write_table(path_stem: str, rows: Sequence[dict], *, title: str, notes: Sequence[str] = (),
+                claims: Sequence[dict] | None = None) -> str:
+  """Writes ``path_stem``.csv and ``path_stem``.md; returns the Markdown text.
+
+  ``claims``: rows of :func:`experiments.verdicts.claim_row` (the paper's claims with our verdict);
+  they head the Markdown file and are written to ``path_stem``_claims.csv. A reproduction passes
+  them (an empty list says in the file that it tests no claim)."""
+  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+  _write_csv(path_stem + ".csv", rows)
   lines = [f"# {title}", "", f"- command: `{command_line()}`", f"- run: {environment()}"]
   lines += [f"- {n}" for n in notes]
-  lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
+  if claims is not None:
+    lines += ["", "## Claims and verdicts", ""]
+    if claims:
+      _write_csv(path_stem + "_claims.csv", claims)
+      lines += _markdown(claims)
+    else:
+      lines.append("No paper claim is tested by this table.")
+    lines += ["", "## Measurements"]
+  lines += [""] + _markdown(rows)
   text = "\n".join(lines) + "\n"
   with open(path_stem + ".md", "w") as f:
     f.write(text)
