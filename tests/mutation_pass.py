@@ -25,14 +25,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each module's own tests: its test file and the pinned defaults of every public factory.
 MODULES = {
-    "accelerated": "tests/test_accelerated.py",
-    "schedule_free": "tests/test_schedule_free.py",
-    "ademamix": "tests/test_ademamix.py",
-    "mars": "tests/test_mars.py",
-    "adaptive_memory": "tests/test_adaptive_memory.py",
-    "mada": "tests/test_mada.py",
-    "hypergradient": "tests/test_mada.py",
+    "accelerated": ("tests/test_accelerated.py", "tests/test_defaults.py"),
+    "schedule_free": ("tests/test_schedule_free.py", "tests/test_defaults.py"),
+    "ademamix": ("tests/test_ademamix.py", "tests/test_defaults.py"),
+    "mars": ("tests/test_mars.py", "tests/test_defaults.py"),
+    "adaptive_memory": ("tests/test_adaptive_memory.py", "tests/test_defaults.py"),
+    "mada": ("tests/test_mada.py", "tests/test_defaults.py"),
+    "hypergradient": ("tests/test_mada.py", "tests/test_defaults.py"),
 }
 SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
         ast.Pow: ast.Mult, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
@@ -125,11 +126,11 @@ def _scratch_copy(destination: str):
     shutil.copy(os.path.join(ROOT, name), destination)
 
 
-def run_tests(workdir: str, test_file: str, timeout: float) -> tuple[str, float]:
-  """('passed' | 'failed' | 'timeout', seconds) for ``test_file`` in ``workdir``."""
+def run_tests(workdir: str, test_files, timeout: float) -> tuple[str, float]:
+  """('passed' | 'failed' | 'timeout', seconds) for ``test_files`` in ``workdir``."""
   env = {**os.environ, "PYTHONPATH": workdir, "JAX_PLATFORMS": "cpu"}
   command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0",
-             "--no-header", test_file]
+             "--no-header", *test_files]
   start = time.perf_counter()
   try:
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, timeout=timeout)
@@ -144,33 +145,40 @@ def main(argv=None):
   parser.add_argument("--per-module", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--timeout", type=float, default=600.0)
+  parser.add_argument("--only", nargs="+", default=None, metavar="MODULE:INDEX",
+                      help="run these mutants only (e.g. the survivors of an earlier pass)")
   parser.add_argument("--out", default=os.path.join(ROOT, "results", "mutation.md"))
   args = parser.parse_args(argv)
   rng = random.Random(args.seed)
+  only = {}
+  for item in args.only or ():
+    module, index = item.split(":")
+    only.setdefault(module, []).append(int(index))
   results = []
   with tempfile.TemporaryDirectory() as workdir:
     _scratch_copy(workdir)
-    for module in args.modules:
-      test_file = MODULES[module]
-      status, seconds = run_tests(workdir, test_file, args.timeout)
+    for module in (list(only) if args.only else args.modules):
+      test_files = MODULES[module]
+      status, seconds = run_tests(workdir, test_files, args.timeout)
       if status != "passed":
-        raise SystemExit(f"{test_file} does not pass unmutated ({status}); fix it first")
+        raise SystemExit(f"{test_files} do not pass unmutated ({status}); fix them first")
       path = os.path.join(workdir, "optax_accel", module + ".py")
       with open(path) as f:
         original = f.read()
       mutants = list_mutants(module)
-      chosen = sorted(rng.sample(mutants, min(args.per_module, len(mutants))),
-                      key=lambda m: m.index)
-      print(f"{module}: {len(mutants)} places, testing {len(chosen)} ({test_file} passes "
-            f"unmutated in {seconds:.0f} s)", file=sys.stderr)
+      chosen = ([mutants[i] for i in only[module]] if args.only else
+                sorted(rng.sample(mutants, min(args.per_module, len(mutants))),
+                       key=lambda m: m.index))
+      print(f"{module}: {len(mutants)} places, testing {len(chosen)} ({' '.join(test_files)} "
+            f"pass unmutated in {seconds:.0f} s)", file=sys.stderr)
       try:
         for mutant in chosen:
           with open(path, "w") as f:
             f.write(mutant_source(original, mutant.index))
-          status, seconds = run_tests(workdir, test_file, args.timeout)
+          status, seconds = run_tests(workdir, test_files, args.timeout)
           results.append((mutant, len(mutants), "survived" if status == "passed" else
                           "killed" if status == "failed" else "killed (timeout)"))
-          print(f"  line {mutant.line}: {mutant.description}: {results[-1][2]} "
+          print(f"  {module}:{mutant.index} line {mutant.line}: {mutant.description}: {results[-1][2]} "
                 f"({seconds:.0f} s)", file=sys.stderr)
       finally:
         with open(path, "w") as f:
@@ -191,12 +199,12 @@ def write_report(args, results):
   for module in dict.fromkeys(m.module for m, _, _ in results):
     rows = [(m, n, s) for m, n, s in results if m.module == module]
     killed = sum(s.startswith("killed") for _, _, s in rows)
-    lines.append(f"| {module} | {MODULES[module]} | {rows[0][1]} | {len(rows)} | {killed} | "
+    lines.append(f"| {module} | {', '.join(MODULES[module])} | {rows[0][1]} | {len(rows)} | {killed} | "
                  f"{killed / len(rows):.0%} |")
   killed = sum(s.startswith("killed") for _, _, s in results)
   lines += [f"| all | | | {len(results)} | {killed} | {killed / len(results):.0%} |", "",
-            "## Survivors", "", "| module | line | mutation | judged |", "|---|---|---|---|"]
-  lines += [f"| {m.module} | {m.line} | {m.description} | (to review) |"
+            "## Survivors", "", "| mutant | line | mutation |", "|---|---|---|"]
+  lines += [f"| {m.module}:{m.index} | {m.line} | {m.description} |"
             for m, _, s in results if s == "survived"]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:

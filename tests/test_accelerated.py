@@ -98,6 +98,15 @@ def test_accelerated_sgd_matches_canonical_form(problem):
   assert max_abs_diff(ours, ref) <= TOL
 
 
+def test_accelerated_sgd_defaults(problem):
+  """beta 0.9, alpha 1 and no weight decay unless asked for."""
+  w0, grad_fn = problem
+  lr = 0.03
+  ref = canonical_reference(w0, grad_fn, 0.9, lr * 1.0, lr, STEPS)
+  ours = run_optax(oa.accelerated_sgd(lr), w0, grad_fn, STEPS)
+  assert max_abs_diff(ours, ref) <= TOL
+
+
 def _canonical_optimizer(coeffs):
   return optax.chain(
       oa.scale_by_accelerated_momentum(coeffs["beta"], coeffs["a"], momentum_weight=coeffs["b"]),
@@ -121,11 +130,30 @@ def test_canonical_coefficients_reproduce_optimizer(problem, name, hyper, optimi
 
 def test_accsgd_defaults_match_spec_table():
   c = oa.canonical_coefficients("accsgd")
+  assert c["a"] == 1.0  # learning rate 1 by default: a and b per unit learning rate
   assert c["beta"] == pytest.approx(0.98818, abs=1e-5)
   assert c["b"] / c["a"] == pytest.approx(0.04171, abs=1e-5)
   c = oa.canonical_coefficients("mass")
+  assert c["a"] == 1.0
   assert c["beta"] == pytest.approx(0.9048, abs=1e-4)
   assert c["b"] / c["a"] == pytest.approx(0.0317, abs=1e-4)
+
+
+@pytest.mark.parametrize("name,expected", [
+    # The documented defaults (learning rates 1), (beta, a, b) worked out by hand from the
+    # canonical forms of docs/accelerated_sgd.md.
+    ("heavy_ball", (0.9, 0.0, 1.0)),
+    ("nesterov", (0.9, 1.0, 0.9)),
+    ("agnes", (0.99, 1.0, 0.99)),
+    ("lion", (0.99, 1 - 0.9 / 0.99, 0.9 / 0.99 * 0.01)),
+    ("mars_approx", (0.95, 0.025, 0.975 * 0.05)),
+    ("ademamix_b1_0", (0.9999, 1.0, 5.0 * 1e-4)),
+    ("simplified_ademamix", (0.99, 0.0, 1.0)),
+    ("schedule_free", (0.0, 0.1, 0.9)),
+])
+def test_canonical_coefficients_defaults(name, expected):
+  c = oa.canonical_coefficients(name)
+  assert (c["beta"], c["a"], c["b"]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_time_varying_coefficients_follow_schedules():
