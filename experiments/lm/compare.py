@@ -368,24 +368,26 @@ def run_preset(name: str, scale: str, out: str | None = None, data_path: str | N
         if batch:
           settings["train.batch_size"] = batch
         settings.update({f"optim.kwargs.{k}": v for k, v in run.kwargs.items()})
-        key = f"{run.label}, batch {settings.get('train.batch_size', cfg0['train.batch_size'])}"
-        done = _run_once(settings, preset.config, os.path.join(out, "runs", _slug(f"{key} seed {seed}") + ".json"))
+        batch_size = settings.get("train.batch_size", cfg0["train.batch_size"])
+        key = f"{run.label}, batch {batch_size}"
+        done = _run_once(settings, preset.config,
+                         os.path.join(out, "runs", _slug(f"{key} seed {seed}") + ".json"))
         curves[f"{key}, seed {seed}"] = done["history"]
-        raw.append({"run": run.label, "optimizer": run.optimizer,
-                    "batch": settings.get("train.batch_size", cfg0["train.batch_size"]),
+        raw.append({"run": run.label, "optimizer": run.optimizer, "batch": batch_size,
                     "seed": seed, "lr": run.lr, "steps": cfg0["train.steps"],
                     "final train loss": done["train_loss"], "final val loss": done["val_loss"],
                     "tokens/s": done["tokens_per_s"], "paper": run.paper})
         print(f"{key}, seed {seed}: train {done['train_loss']:.4f}, val {done['val_loss']:.4f}",
               file=sys.stderr)
   rows = _aggregate(raw)
-  stats = {(r["run"], r["batch"]): V.Stat.of([x[preset.metric] for x in raw
-                                               if (x["run"], x["batch"]) == (r["run"], r["batch"])])
+  stats = {(r["run"], r["batch"]): V.Stat.of(
+      [x[preset.metric] for x in raw if (x["run"], x["batch"]) == (r["run"], r["batch"])])
            for r in rows}
   claims = preset.claims(stats) if preset.claims and optimizers is None else []
+  batches = [b or cfg0["train.batch_size"] for b in batch_sizes]
   notes = [f"scale: {scale} — model {cfg0['model']}, {cfg0['train.steps']} steps, seq_len "
-           f"{cfg0['train.seq_len']}, batch sizes {list(b or cfg0['train.batch_size'] for b in batch_sizes)}, "
-           f"seeds {list(seeds)}, corpus {'Shakespeare (byte level)' if not data_path else data_path}",
+           f"{cfg0['train.seq_len']}, batch sizes {batches}, seeds {list(seeds)}, corpus "
+           f"{data_path or 'Shakespeare (byte level)'}",
            "final train loss = mean of the last 10 steps; val loss at the schedule-free average "
            f"for SF optimizers; mean ± std over seeds; claims compare the {preset.metric}; "
            "verdict rules in experiments/verdicts.py", preset.metric_note]
