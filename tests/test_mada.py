@@ -141,7 +141,8 @@ def _history(opt, loss, x0, steps):
 LR = lambda count: 1e-2 * 0.7 ** count  # noqa: E731  a decaying schedule
 
 
-@pytest.mark.parametrize("case", ["mada", "mada_closed_form", "adam", "hyperadam"])
+@pytest.mark.parametrize("case", ["mada", "mada_closed_form", "adam", "hyperadam",
+                                  "mada_closed_form_late"])
 def test_hypergradient_equals_autodiff_of_unrolled_step(case):
   """h_t = d f(x_{t-1}(q)) / dq, x_{t-1} = x_{t-2} + Delta(q; g_{t-1}, state_{t-2}), under a
   decaying learning rate (so that Delta must use lr_{t-1}, the rate of the step it came from)."""
@@ -152,7 +153,7 @@ def test_hypergradient_equals_autodiff_of_unrolled_step(case):
       opt = oa.hypergradient_wrapper(oa.mada_optimizer, tuple(coeffs), 1e-3,
                                      hypergrad_clip=None)(LR, **coeffs)
       inner = lambda q: oa.mada_optimizer(LR, **q)  # noqa: E731
-    elif case == "mada_closed_form":
+    elif case.startswith("mada_closed_form"):
       coeffs = VERTICES["interior"]
       opt = oa.hypergradient_wrapper(oa.mada_optimizer, tuple(coeffs), 1e-3, hypergrad_clip=None,
                                      tangents="closed_form")(
@@ -166,8 +167,17 @@ def test_hypergradient_equals_autodiff_of_unrolled_step(case):
       opt = oa.hypergradient_wrapper(optax.adam, ("b1", "b2"), 1e-3, hypergrad_clip=None)(
           LR, b1=0.9, b2=0.99)
       inner = lambda q: optax.adam(LR, **q)  # noqa: E731
-    history = _history(opt, loss, x0, 6)
-    for t in (3, 5, 6):
+    # "late": after 40 steps g^2 < v in some coordinates, so Yogi's sign(g_hat^2 - v) takes both
+    # values (early on it is +1 everywhere and the sign's branch of the closed form goes untested).
+    steps = 40 if case.endswith("late") else 6
+    history = _history(opt, loss, x0, steps)
+    if case.endswith("late"):
+      inner_state = history[steps - 1][1].inner_state[0]
+      g = jax.grad(loss)(history[steps - 1][0])
+      g_hat = g + coeffs["b3"] * (g - inner_state.prev_grad)
+      assert set(np.sign(np.asarray(g_hat**2 - inner_state.nu)).tolist()) == {-1.0, 1.0}
+    for t in ((2, 3, 5, 6) if steps == 6 else (steps - 1, steps)):
+      # t = 2: the first hypergradient (of step 1, bias corrections at t = 1)
       x_prev2, state_prev2 = history[t - 2]  # before step t-1
       q = history[t - 1][1].hyperparams  # the q step t-1 used (updated within that step)
 
