@@ -208,6 +208,7 @@ def _mada_claims(stats):
   noise = max(st.std for (label, _), st in stats.items() if st.n > 1)
   below = lambda a, b: np.mean([a[p] < b[p] for p in points])  # noqa: E731
   clear = lambda a, b: np.mean([a[p] < b[p] - 2 * noise for p in points])  # noqa: E731
+  spread = lambda grid: max(grid.values()) - min(grid.values())  # noqa: E731
   mean = {k: V.Stat.of(list(v.values())) for k, v in (("Adam", adam), ("HyperAdam", hyper),
                                                       ("MADA", mada))}
   rows = [
@@ -231,11 +232,8 @@ def _mada_claims(stats):
              "where learning b1, b2 over 5k steps helps most"),
       _claim("learning the coefficients removes Adam's bad corners (spread over the grid)",
              "max - min: Adam 1.40, MADA 0.21",
-             f"max - min: Adam {max(adam.values()) - min(adam.values()):.4f}, HyperAdam "
-             f"{max(hyper.values()) - min(hyper.values()):.4f}, MADA "
-             f"{max(mada.values()) - min(mada.values()):.4f}",
-             V.signed((max(adam.values()) - min(adam.values()))
-                      - (max(mada.values()) - min(mada.values())), 2 * noise),
+             f"max - min: Adam {spread(adam):.4f}, HyperAdam {spread(hyper):.4f}, MADA "
+             f"{spread(mada):.4f}", V.signed(spread(adam) - spread(mada), 2 * noise),
              "MADA's spread is smaller than Adam's beyond the noise",
              "too few steps for the coefficients to leave a bad start"),
   ]
