@@ -187,6 +187,21 @@ def recorded(value: Any, applied: Any, previous: jax.Array) -> jax.Array:
   return previous if is_python_number(value) else scalar(applied, previous.dtype)
 
 
+def stored_input(tree: Any, count: jax.Array) -> Any:
+  """``tree``, a step input kept unchanged in the state (the raw gradient), as a computed value.
+
+  A state entry that is a step input as it is gets its own copy kernel (the gradients are not
+  donated, so XLA copies them into the state's buffer after fusion: one more read and write of
+  every leaf). Selected by a condition on the step count that always holds (``count >= 0``), it
+  is a computed value, written by the update kernel that already reads the gradient. Exact:
+  every element is ``tree``'s. Used where it measured better compiled for TPU (MADA, HyperAdam);
+  MARS stores its gradient as it is, because there the TPU compiler then staged more and moved
+  more bytes over HBM (benchmarks/step_traffic.py; docs/performance.md §2).
+  """
+  keep = count >= 0
+  return jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros([], x.dtype)), tree)
+
+
 def zeros(params: Any, dtype: Any = None) -> Any:
   """Zeros like ``params``; with ``dtype`` given, that dtype. Works on ShapeDtypeStruct."""
   return optax.tree.zeros_like(params, dtype=dtype)

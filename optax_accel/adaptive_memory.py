@@ -316,12 +316,17 @@ def scale_by_am_adam(
     g = treedef.flatten_up_to(updates)
     count = optax.safe_increment(state.count)
     first = state.count == 0
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    nu_hat = treedef.flatten_up_to(optax.tree.bias_correction(nu, b2, count))
     prods = ([state.beta_prod] * len(g) if granularity == "global"
              else treedef.flatten_up_to(state.beta_prod))
     correction = [1 - beta_max * bp for bp in prods]
-    precond = [c * (jnp.sqrt(v) + eps) for c, v in zip(correction, nu_hat)]
+
+    def second_moment(grads, nu_prev):
+      """v_t and the preconditioner leaves P_t."""
+      nu = optax.tree.update_moment_per_elem_norm(grads, nu_prev, b2, 2)
+      nu_hat = treedef.flatten_up_to(optax.tree.bias_correction(nu, b2, count))
+      return nu, [c * (jnp.sqrt(v) + eps) for c, v in zip(correction, nu_hat)]
+
+    _, precond = second_moment(updates, state.nu)
     decay = None
     if not C.is_static_zero(weight_decay):
       if params is None:
@@ -335,6 +340,12 @@ def scale_by_am_adam(
         g, d, precond, decay, flat_params, lam=lam, beta_min=beta_min, beta_max=beta_max,
         restart_threshold=restart_threshold, granularity=granularity,
         ratio=_lr_ratio(learning_rate, state.count), first_step=first, first_beta=beta_max)
+    # The update pass computes v_t and P_t again, from inputs behind an optimization barrier
+    # (so not merged with the first): each pass then reads v_{t-1} and forms v_t in its own
+    # kernel, where one shared v_t would be a kernel of its own, written and read twice more
+    # (docs/performance.md §2). Same operations on the same values: bitwise the same P_t.
+    g_update, nu_prev = jax.lax.optimization_barrier((g, state.nu))
+    nu, precond = second_moment(jax.tree.unflatten(treedef, g_update), nu_prev)
     # Restart: memory and bias correction start over, as at the first step (scalar factors only).
     keep = [jnp.where(r, 0.0, 1.0) for r in restarted]
     precond = [p * jnp.where(r, (1 - beta_max) / c, 1.0)
@@ -343,7 +354,7 @@ def scale_by_am_adam(
     # d_{t+1} = ((1 - b) g + (lam P + b) d) / (1 + lam P) = d + (1 - b)(g - d) / (1 + lam P):
     # the second form stays finite when P overflows to inf (then d_{t+1} = d, a zero step).
     new_d = [k * di + (1 - b) * (gi - k * di) / (1 + lam * p)
-             for gi, di, p, b, k in zip(g, d, precond, betas, keep)]
+             for gi, di, p, b, k in zip(g_update, d, precond, betas, keep)]
     direction = jax.tree.unflatten(
         treedef, [(n / p).astype(gi.dtype) for n, p, gi in zip(new_d, precond, g)])
     beta_prod = _pack(prods, treedef, granularity, state.beta_prod)

@@ -9,8 +9,8 @@ x_t = x_{t-1} + Delta_t(q) the full update of the wrapped optimizer, the hypergr
 with everything but the last update held fixed (docs/mada.md §3). Within one step, in the
 official MADA code's order: h_t from the stored tangents, the hyper-optimizer step on q (default:
 per-name SGD, each |h| clipped to 10), projection onto the domain, then the parameter update with
-the new q and its tangents d Delta_t / d q (forward mode, ``jax.linearize``; measured faster on
-CPU than a vmapped ``jax.jvp``), stored for the next step.
+the new q and its tangents d Delta_t / d q (forward mode, one ``jax.jvp`` per learned name; see
+``_update_with_tangents``), stored for the next step.
 
 Mechanisms (docs/mada.md §3): ``tangents="forward"`` (default, any optimizer; option A) stores one tangent
 per learned name (k parameter-sized buffers in the params' dtype) and differentiates the inner
@@ -162,13 +162,24 @@ def _hyper_step(h, state, hyper_opt, boxes, freeze_steps):
   return q, hyper_state, finite
 
 
-def _update_with_tangents(inner_update, q, old_tangents):
+def _update_with_tangents(inner_update, inputs, q, old_tangents):
   """Step 4 with stored tangents: the inner update at q and d(update)/dq_name for every name,
-  by one linearisation in q (forward mode). Returns (updates, inner_state, tangents)."""
-  new_updates, linear, inner_state = jax.linearize(inner_update, q, has_aux=True)
-  tangents = {n: C.cast_like(linear({m: jnp.asarray(float(m == n), q[m].dtype) for m in q}),
-                             old_tangents[n])
-              for n in q}
+  one forward-mode ``jax.jvp`` per name. Returns (updates, inner_state, tangents).
+
+  The first name's jvp also gives the update and the inner state. The others read the step's
+  inputs from behind an optimization barrier, so that their primal work is not merged with the
+  first's: each then reads the old inner state in a kernel of its own, where the merged form made
+  one kernel write the new state and a second read it back for the other tangents, with a copy of
+  the state because the first could not update it in place (two tangents: 84 -> 68 B/param, 20
+  copies -> 0 at two GPT-2 blocks; benchmarks/step_traffic.py)."""
+  tangents = {}
+  for i, name in enumerate(q):
+    basis = {m: jnp.asarray(float(m == name), q[m].dtype) for m in q}
+    step_inputs = inputs if i == 0 else jax.lax.optimization_barrier(inputs)
+    primal, (tangent, _) = jax.jvp(lambda q_, x=step_inputs: inner_update(q_, x), (q,), (basis,))
+    if i == 0:
+      new_updates, inner_state = primal
+    tangents[name] = C.cast_like(tangent, old_tangents[name])
   return new_updates, inner_state, tangents
 
 
@@ -301,13 +312,14 @@ def hypergradient_wrapper(
       # 4. the parameter update with the new q (linearised in q for the next hypergradient).
       grads = updates if clip_norm is None else _clip_by_global_norm(updates, clip_norm)
 
-      def inner_update(q_):
-        return tuple(build(q_).update(grads, state.inner_state, params, **extra_args))
+      def inner_update(q_, inputs):
+        return tuple(build(q_).update(*inputs, **extra_args))
 
+      inputs = (grads, state.inner_state, params)
       if closed_form:
-        (new_updates, inner_state), tangents = inner_update(q), {}
+        (new_updates, inner_state), tangents = inner_update(q, inputs), {}
       else:
-        new_updates, inner_state, tangents = _update_with_tangents(inner_update, q,
+        new_updates, inner_state, tangents = _update_with_tangents(inner_update, inputs, q,
                                                                    state.tangents)
       # Traced hyperparameters can promote the inner state and updates (optax casts with the
       # betas' dtype); keep both dtype-stable.

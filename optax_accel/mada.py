@@ -153,6 +153,7 @@ def scale_by_mada(
                                          flat(state.adan), flat(state.prev_grad),
                                          flat(state.lion_mu)):
       diff = gi - gp if has_adan else 0.0
+      stored_g = C.stored_input(gi, count)
       g_hat = gi + b3 * diff
       # Squares and second moments saturate at the dtype's max (C.saturating_square): with a
       # learned (traced) c or rho, an inf would meet 0 * inf or inf - inf in the mixes.
@@ -167,7 +168,7 @@ def scale_by_mada(
         n_new = b3 * n_prev + (1 - b3) * diff
         numerator = numerator + b3 * (n_new / (1 - b3**t) if bias_correct_n else n_new)
         out["adan"].append(n_new)
-        out["prev_grad"].append(gi)
+        out["prev_grad"].append(stored_g)
       if has_mean:
         vbar_new = vbar + (v_new - vbar) / t  # = (v_new + (t - 1) vbar) / t, without overflow
         second = C.mix(rho, v_new, jax.lax.stop_gradient(vbar_new))
@@ -183,7 +184,7 @@ def scale_by_mada(
       out["direction"].append(direction.astype(gi.dtype))
       out["mu"].append(m_new)
       out["nu"].append(v_new)
-      out["grad_diff"].append(gi - gp if has_adan else gi)
+      out["grad_diff"].append(diff if has_adan else stored_g)
       out["g_tilde2"].append(g_tilde2)
 
     def pack(key, old):

