@@ -235,8 +235,9 @@ def hypergradient_wrapper(
     ``optax.GradientTransformationExtraArgs`` whose state is a ``HypergradientState``.
 
   Raises:
-    ValueError: a learnable name that is not an argument of ``inner_factory``, a domain with
-      lo >= hi, an initial value outside its domain or not a number, a negative ``hyper_lr``.
+    ValueError: no learnable name, a learnable name that is not an argument of
+      ``inner_factory``, a domain with lo >= hi, an initial value outside its domain or not a
+      number, a negative ``hyper_lr``.
 
   Examples:
     >>> import jax
@@ -259,6 +260,8 @@ def hypergradient_wrapper(
     Ultimate Optimizer*, NeurIPS 2022. Ozkara et al., *MADA*, ICML 2024, arXiv:2401.08893.
   """
   learnable = tuple(learnable)
+  if not learnable:
+    raise ValueError("`learnable` must name at least one hyperparameter to learn.")
   signature = inspect.signature(inner_factory)
   C.check_choice("tangents", tangents, ("forward", "closed_form"))
   if clip_norm is not None:

@@ -349,6 +349,7 @@ def test_under_scan_and_jit():
     (lambda: oa.hypergradient_wrapper(optax.adam, ("b1",), 1e-3, tangents="closed_form")(1e-3),
      "closed_form"),
     (lambda: oa.hypergradient_wrapper(optax.adam, ("b1",), 1e-3, tangents="reverse"), "tangents"),
+    (lambda: oa.hypergradient_wrapper(optax.adam, (), 1e-3), "learnable"),
     (lambda: oa.mada(1e-3, b1=0.995), "b1"),
     (lambda: oa.mada(1e-3, rho=1.5), "rho"),
     (lambda: oa.mada(-1e-3), "learning_rate"),
