@@ -123,8 +123,7 @@ RATIO_TARGETS = {"mada": 3.0, "hyperadam": 1.73, "am_adamw": 1.57, "am_sgd": 1.2
 # hypergradient are read once, by the reduction), the forward-mode inner products (g; the
 # tangents are read once).
 REDUCTION_READS = {"am_sgd": 2, "am_adamw": 3, "mars_adamw": 2, "mars_lion": 2,
-                   "hyperadam": 3, "mada": 7,
-                   "hypergradient(optax.adam; b1, b2)": 1, "hypergradient(optax.adam; b1)": 1}
+                   "hyperadam": 3, "mada": 7, **{name: 1 for name in FORWARD_MODE}}
 # The step's own traffic (tpu-unstaged bytes) over its streaming ideal: at most this (issue 10).
 UNSTAGED_SLACK = 1.10
 

@@ -46,7 +46,7 @@ def test_overflowing_square_gives_finite_parameters(case, name):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_stored_gradient_is_the_gradient_bit_for_bit(dtype):
-  """C.stored_input (MARS's and MADA's stored g, written by the update kernel) changes no bit:
+  """C.stored_input (MADA's and HyperAdam's stored g, written by the update kernel) changes no bit:
   NaN, inf and -0 included, at the first step and at a saturated step count."""
   from optax_accel import _common as C  # pylint: disable=import-outside-toplevel
   g = jnp.array([jnp.nan, -jnp.inf, jnp.inf, -0.0, 0.0, 1.5, -3e-8], dtype)
