@@ -83,3 +83,12 @@ def sharded_vs_unsharded(optimizer_source: str) -> float:
                        text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   return float(out.stdout.split("MAXDIFF")[1])
+
+
+def refused_by_the_cli(args, capfd):
+  """Runs the training script's entry point (``experiments.lm.train.main``) in this process on
+  arguments it must refuse before training: (exit code, non-empty stderr lines). No subprocess:
+  each would spend seconds importing; the CLI's own exit codes are checked by the signal tests."""
+  from experiments.lm import train  # pylint: disable=import-outside-toplevel
+  code = train.main(args)
+  return code, [line for line in capfd.readouterr().err.splitlines() if line.strip()]

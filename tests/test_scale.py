@@ -43,8 +43,8 @@ def _probe(config, topology, overrides):
   out = subprocess.run(
       [sys.executable, str(ROOT / "tests" / "tpu_probe.py"), config, topology, *overrides],
       cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": ""})
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
+           "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 

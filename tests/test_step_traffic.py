@@ -48,7 +48,8 @@ def _measure(size, names, backend="tpu"):
       [sys.executable, "-m", "benchmarks.step_traffic", "--size", size, "--backends", backend,
        "--json", "--only", *names],
       cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
+           "XLA_FLAGS": ""})
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
