@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,36 +72,54 @@ def _interrupt(args, metrics, sig, after=20):
   return proc.returncode, err
 
 
-def test_a_signal_saves_and_resume_is_bitwise_identical_to_a_straight_run(corpus, tmp_path):
-  """SIGINT (Ctrl-C) and SIGTERM (preemption) mid-run: the step finishes, the state is saved, the
-  exit code is 128+signum with a one-line hint; --resume then gives exactly the metrics of the
-  run made straight through. That run keeps the default checkpoints (every 100 steps, the last
-  2, and the final step), which its losses do not depend on. One test: one straight run."""
+def _final_params(folder, step):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.CheckpointManager(folder / "ckpt") as manager:
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return [np.asarray(x) for x in jax.tree.leaves(state["state"]["params"])]
+
+
+def test_a_stopped_run_resumes_bitwise_identical_to_a_straight_run(corpus, tmp_path):
+  """SIGINT (Ctrl-C), SIGTERM (preemption) and train.stop_at mid-run: the step finishes and the
+  state is saved (a signal: exit code 128+signum with a one-line hint); --resume then gives
+  exactly the losses, validation loss and final parameters of the run made straight through.
+  That run keeps the default checkpoints (every 100 steps, the last 2, and the final step),
+  which its losses do not depend on. One test: one straight run."""
   steps = 250
   straight = tmp_path / "straight"
   out = _run(_args(corpus, straight, steps), check_rc=0)
   assert _steps(straight) == [200, 250]  # default ckpt.interval 100, ckpt.keep 2
   last = out.stdout.strip().splitlines()[-1]
   assert str(straight / "ckpt") in last and str(straight / "metrics.jsonl") in last
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    run = tmp_path / sig.name
+  expected = _records(straight / "metrics.jsonl")
+  assert expected[-1]["val_loss"] is not None
+  for how in ("SIGINT", "SIGTERM", "stop_at"):
+    run = tmp_path / how
     args = _args(corpus, run, steps, **{"ckpt.interval": 10_000})
-    code, err = _interrupt(args, run / "metrics.jsonl", sig)
-    assert code == 128 + sig, err[-2000:]
-    last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("interrupted: ") and "--resume" in last, err[-2000:]
-    stopped_at = len(_records(run / "metrics.jsonl"))
-    assert 20 <= stopped_at < steps and _steps(run) == [stopped_at], sig.name
+    if how == "stop_at":
+      _run(args + ["--set", "train.stop_at=100"], check_rc=0)
+      stopped_at = 100
+    else:
+      sig = signal.Signals[how]
+      code, err = _interrupt(args, run / "metrics.jsonl", sig)
+      assert code == 128 + sig, err[-2000:]
+      last = [line for line in err.splitlines() if line.strip()][-1]
+      assert last.startswith("interrupted: ") and "--resume" in last, err[-2000:]
+      stopped_at = len(_records(run / "metrics.jsonl"))
+    assert 20 <= stopped_at < steps and _steps(run) == [stopped_at], how
     _run(args + ["--resume"], check_rc=0)
     resumed = _records(run / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in _records(
-        straight / "metrics.jsonl")], sig.name
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1)), how
+    assert [(r["loss"], r.get("val_loss")) for r in resumed] == [
+        (r["loss"], r.get("val_loss")) for r in expected], how
+    for x, y in zip(_final_params(straight, steps), _final_params(run, steps), strict=True):
+      np.testing.assert_array_equal(x, y, err_msg=how)
 
 
 def test_ckpt_keep_must_be_positive(corpus, tmp_path, capfd):
   for keep in (0, -1):
-    code, err = refused_by_the_cli(_args(corpus, tmp_path / f"k{keep}", 5, **{"ckpt.keep": keep}), capfd)
+    code, err = refused_by_the_cli(_args(corpus, tmp_path / f"k{keep}", 5, **{"ckpt.keep": keep}),
+                                   capfd)
     assert code == 2 and "ckpt.keep" in err[-1], err
 
 
@@ -116,7 +135,7 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(corpus, tmp_path)
       state = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore()))["state"]
       assert all(np.all(np.isfinite(np.asarray(x))) for x in
-                 __import__("jax").tree.leaves(state["params"]))
+                 jax.tree.leaves(state["params"]))
 
 
 def test_skip_mode_skips_non_finite_steps_up_to_a_bound(corpus, tmp_path):
