@@ -1,6 +1,6 @@
 """Compiles a training step for TPU topologies without a TPU; prints JSON (run by test_scale.py).
 
-    python tests/tpu_probe.py CONFIG TOPOLOGY [KEY=VALUE ...]
+    python tests/tpu_probe.py CONFIG TOPOLOGY[,TOPOLOGY ...] [KEY=VALUE ...]
 
 Reports the per-chip FLOPs and temporaries of the step (one microbatch, compiled without the
 collective-matmul loops so that the cost analysis counts every matmul), whether any HLO value has
@@ -17,7 +17,7 @@ from experiments.lm import aot
 from experiments.lm import train as train_lib
 
 
-def main(config, topology, *overrides):
+def probe(config, topology, overrides):
   cfg = train_lib.build_config(config, list(overrides))
   program = train_lib.build_train_step(cfg, aot.topology_devices(topology))
   with jax.set_mesh(program.mesh):
@@ -37,12 +37,17 @@ def main(config, topology, *overrides):
       if leaf.shape in by_shape and sharding.spec not in by_shape[leaf.shape]]
   sharded_params = sum(any(s is not None for s in sharding.spec)
                        for sharding in jax.tree.leaves(state_out["params"]))
-  print(json.dumps({
+  return {
       "flops": compiled.cost_analysis()["flops"],
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
       "replicated_batch_values": replicated[:10], "mismatched_state": mismatched,
       "sharded_params": sharded_params, "opt_state_leaves": len(jax.tree.leaves(state_out)),
-  }))
+  }
+
+
+def main(config, topologies, *overrides):
+  """One JSON line, topology -> figures (one process for all: libtpu starts once)."""
+  print(json.dumps({t: probe(config, t, overrides) for t in topologies.split(",")}))
 
 
 if __name__ == "__main__":
