@@ -88,7 +88,8 @@ def sharded_vs_unsharded(optimizer_source: str) -> float:
 def refused_by_the_cli(args, capfd):
   """Runs the training script's entry point (``experiments.lm.train.main``) in this process on
   arguments it must refuse before training: (exit code, non-empty stderr lines). No subprocess:
-  each would spend seconds importing; the CLI's own exit codes are checked by the signal tests."""
+  each would spend seconds importing; the CLI's own exit codes are checked by the stop/resume
+  test of test_train_safety.py."""
   from experiments.lm import train  # pylint: disable=import-outside-toplevel
   code = train.main(args)
   return code, [line for line in capfd.readouterr().err.splitlines() if line.strip()]
