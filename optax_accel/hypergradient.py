@@ -166,21 +166,33 @@ def _update_with_tangents(inner_update, inputs, q, old_tangents):
   """Step 4 with stored tangents: the inner update at q and d(update)/dq_name for every name,
   one forward-mode ``jax.jvp`` per name. Returns (updates, inner_state, tangents).
 
-  The first name's jvp also gives the update and the inner state. The others read the step's
-  inputs from behind an optimization barrier, so that their primal work is not merged with the
-  first's: each then reads the old inner state in a kernel of its own, where the merged form made
-  one kernel write the new state and a second read it back for the other tangents, with a copy of
-  the state because the first could not update it in place (two tangents: 84 -> 68 B/param, 20
-  copies -> 0 at two GPT-2 blocks; benchmarks/step_traffic.py)."""
-  tangents = {}
-  for i, name in enumerate(q):
-    basis = {m: jnp.asarray(float(m == name), q[m].dtype) for m in q}
-    step_inputs = inputs if i == 0 else jax.lax.optimization_barrier(inputs)
-    primal, (tangent, _) = jax.jvp(lambda q_, x=step_inputs: inner_update(q_, x), (q,), (basis,))
-    if i == 0:
-      new_updates, inner_state = primal
-    tangents[name] = C.cast_like(tangent, old_tangents[name])
-  return new_updates, inner_state, tangents
+  How the work is split decides the bytes the compiled step moves (benchmarks/step_traffic.py,
+  around optax.adam, unstaged TPU v5e; ideal 32 + 8 k B/param for k names; docs/performance.md):
+
+  - one name: the jvp also gives the update and the inner state. XLA then forms the new state
+    and the tangent in one kernel, and the parameter update in a second that reads the new state
+    back (48 B/param, ideal 40).
+  - several names: the update and the inner state by a plain call (a kernel that also applies
+    the update, as the inner optimizer alone compiles), and every tangent from jvps that read the
+    step's inputs from behind one optimization barrier, so that they form one more kernel that
+    reads the inputs again and writes the k tangents (44 + 8 k B/param: 60 for two names). Taking
+    the primal from the first jvp, as for one name, added a kernel per further name (68 for two),
+    and without the barrier XLA merged the primal work so that the new state was written, read
+    back and copied (84 and 20 copies at two GPT-2 blocks).
+  """
+  names = list(q)
+  bases = {name: {m: jnp.asarray(float(m == name), q[m].dtype) for m in q} for name in names}
+  if len(names) == 1:
+    (new_updates, inner_state), (tangent, _) = jax.jvp(
+        lambda q_: inner_update(q_, inputs), (q,), (bases[names[0]],))
+    tangents = {names[0]: tangent}
+  else:
+    new_updates, inner_state = inner_update(q, inputs)
+    behind_barrier = jax.lax.optimization_barrier(inputs)
+    tangents = {name: jax.jvp(lambda q_: inner_update(q_, behind_barrier), (q,),
+                              (bases[name],))[1][0] for name in names}
+  return new_updates, inner_state, {name: C.cast_like(tangents[name], old_tangents[name])
+                                    for name in names}
 
 
 def hypergradient_wrapper(
