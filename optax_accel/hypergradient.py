@@ -12,12 +12,13 @@ per-name SGD, each |h| clipped to 10), projection onto the domain, then the para
 the new q and its tangents d Delta_t / d q (forward mode, one ``jax.jvp`` per learned name; see
 ``_update_with_tangents``), stored for the next step.
 
-Mechanisms (docs/mada.md §3): ``tangents="forward"`` (default, any optimizer; option A) stores one tangent
-per learned name (k parameter-sized buffers in the params' dtype) and differentiates the inner
-update forward in q once per step; the hypergradient is then k inner products (a global reduction: an all-reduce
-under sharding). ``tangents="closed_form"`` (option C) asks the inner optimizer for
-<g_{t+1}, d Delta_t / d q> directly from its post-update state (``WithHypergradients``, e.g.
-``mada_optimizer(..., closed_form_hypergradients=True)``): no tangents, no linearisation.
+Mechanisms (docs/mada.md §3): ``tangents="forward"`` (default, any optimizer; option A) stores
+one tangent per learned name (k parameter-sized buffers in the params' dtype) and differentiates
+the inner update forward in q, one jvp per name each step; the hypergradient is then k inner
+products (a global reduction: an all-reduce under sharding). ``tangents="closed_form"`` (option
+C) asks the inner optimizer for <g_{t+1}, d Delta_t / d q> directly from its post-update state
+(``WithHypergradients``, e.g. ``mada_optimizer(..., closed_form_hypergradients=True)``): no
+tangents, no linearisation.
 Non-finite hypergradients skip the hyper-update for that step (q and the hyper-optimizer state
 stay as they were); the step is counted in ``nonfinite_skips`` and its hypergradients are stored
 (and logged) as 0, so learned values and their diagnostics are never NaN.
