@@ -4,9 +4,10 @@ The figures are the compiler's and deterministic (``benchmarks/step_traffic.py``
 ``tpu-aot`` extra, in a subprocess). Two measures of bytes per parameter:
 
 - "bytes accessed" of the cost analysis, GPT-2 124M shapes, as compiled by default: optimizers
-  that optax also implements must be within 2% of optax's version. This count includes both
-  sides of every transfer the compiler's memory-space assignment makes into on-chip memory, so
-  it is only comparable at the same shapes; small pytrees are staged wholesale and read 3x higher.
+  that optax also implements must be within 2% of optax's version, AM-AdamW and AVGrad within
+  their issue-10 bounds. This count includes both sides of every transfer the compiler's
+  memory-space assignment makes into on-chip memory, so it is only comparable at the same shapes;
+  small pytrees are staged wholesale and read 3x higher.
 - the same chip with memory-space assignment off ("tpu-unstaged"), on two GPT-2 blocks: then
   bytes accessed is exactly the HBM traffic of the step as fused. Every registered optimizer and
   the forward-mode hypergradient path move at most their streaming ideal (every buffer read and
@@ -54,15 +55,26 @@ def _measure(size, names, backend="tpu"):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_same_algorithm_as_optax_moves_at_most_2_percent_more_bytes():
-  # sgd and lion are optax's own. Left out for the CI budget (two 124M compiles each), in the
-  # results table: schedule_free_sgd (1.130 vs optax's 1.130) and simplified_ademamix (1.000 vs
-  # 1.000; its hyperparameters are recorded at init by the same C.recorded as AdEMAMix's).
-  # At two blocks every operand is staged and neither earlier excess showed, hence 124M.
-  ours = ["schedule_free_adamw", "ademamix"]
-  rows = _measure("124m", ours + [step_traffic.OPTAX_VERSION[n] for n in ours])
+# The issue-10 targets on bytes accessed that are met (124M, default compile), in two groups of
+# about the same compile time so that the two test processes can take one each: within 2% of
+# optax's version where optax has the same algorithm, else at most 1.10 x the ideal-bytes ratio.
+# sgd and lion are optax's own. The targets not met (AM-SGD, HyperAdam, MARS, MADA: staging, and
+# MADA's reduction pass; docs/performance.md §2) are not asserted here; their step's own traffic
+# is, unstaged, below. At two blocks every operand is staged and neither earlier excess of
+# Schedule-Free AdamW or AdEMAMix over optax's showed, hence 124M.
+MET_TARGETS = {"schedule_free_simplified": ["schedule_free_adamw", "schedule_free_sgd",
+                                            "simplified_ademamix"],
+               "ademamix_am_avgrad": ["ademamix", "am_adamw", "avgrad"]}
+
+
+@pytest.mark.parametrize("group", sorted(MET_TARGETS))
+def test_met_bytes_targets_stay_met_and_no_step_copies_more_than_adamw(group):
+  ours = MET_TARGETS[group]
+  rows = _measure("124m", ours + [step_traffic.OPTAX_VERSION[n] for n in ours
+                                  if n in step_traffic.OPTAX_VERSION])
   for name in ours:
     goal = step_traffic.target(name, rows)
+    assert goal is not None, name
     assert rows[name]["tpu ratio"] <= goal, (name, rows[name]["tpu ratio"], goal)
     assert rows[name]["tpu copies"] <= rows["optax.adamw"]["tpu copies"], name
 
