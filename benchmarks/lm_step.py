@@ -22,9 +22,9 @@ import numpy as np
 import optax
 
 from experiments import reporting
-from experiments.lm import data as data_lib
+from experiments.lm import config as config_lib
 from experiments.lm import model as model_lib
-from experiments.lm import train as train_lib
+from experiments.lm import step as step_lib
 
 OPTIMIZERS = ("adamw", "ademamix", "am_adamw", "mada")
 
@@ -61,8 +61,8 @@ def main(argv=None):
       overrides["train.seq_len"] = args.seq_len
     if args.dtype:
       overrides["model.compute_dtype"] = args.dtype
-    cfg = train_lib.build_config(args.config, overrides)
-    program = train_lib.build_train_step(cfg)
+    cfg = config_lib.build_config(args.config, overrides)
+    program = step_lib.build_train_step(cfg)
     mc, graphdef = program.model_config, program.graphdef
     with jax.set_mesh(program.mesh):
       from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -76,8 +76,8 @@ def main(argv=None):
 
       bs, seq = cfg["train.batch_size"], cfg["train.seq_len"]
       tokens = np.asarray(jax.random.randint(jax.random.key(0), (bs, seq + 1), 0,
-                                             data_lib.VOCAB_SIZE))
-      inputs, targets = program.host_batch(tokens[:, :-1]), program.host_batch(tokens[:, 1:])
+                                             mc.vocab_size))
+      inputs, targets = program.batch(lambda ids: (tokens[ids, :-1], tokens[ids, 1:]))
       holder = {"state": program.init()}
 
       def full(inputs, targets):
@@ -90,7 +90,7 @@ def main(argv=None):
       n_params = sum(int(x.size) for x in jax.tree.leaves(holder["state"]["params"]))
       tokens_per_s = bs * seq / t_full
       mfu = tokens_per_s * model_lib.flops_per_token(mc, n_params) / (
-          train_lib.peak_flops(cfg) * jax.device_count())
+          step_lib.peak_flops(cfg) * jax.device_count())
       rows.append(dict(optimizer=name, step_ms=1e3 * t_full, grad_ms=1e3 * t_grad,
                        optimizer_share=max(0.0, 1 - t_grad / t_full), tokens_per_s=tokens_per_s,
                        mfu=mfu, params=n_params))
@@ -105,7 +105,7 @@ def main(argv=None):
           f"device: {device.platform} {device.device_kind} x {jax.device_count()}",
           f"batch {bs} x {seq} tokens, compute dtype {cfg['model.compute_dtype']}; median of "
           f"{args.repeats} steps; MFU uses 6N + 12 L d T FLOPs/token and "
-          f"{train_lib.peak_flops(cfg) / 1e9:.0f} GFLOP/s peak per device",
+          f"{step_lib.peak_flops(cfg) / 1e9:.0f} GFLOP/s peak per device",
           "optimizer share = 1 - (forward+backward time) / (full step time)"])
   print(text)
 

@@ -16,7 +16,7 @@ def corpus(tmp_path):
 
 def test_an_interrupted_comparison_continues_where_it_stopped(tmp_path, corpus, monkeypatch):
   kw = dict(out=str(tmp_path / "out"), data_path=corpus, optimizers=("adamw", "lion"),
-            overrides_extra={"train.steps": 4, "eval.interval": 2, "eval.batches": 1})
+            overrides_extra={"train.steps": 4, "eval.interval": 2, "eval.tokens": 1024})
   real_train, calls = compare.train_lib.train, []
 
   def train_then_die(cfg):

@@ -20,7 +20,9 @@ pytest.importorskip("orbax.checkpoint")
 from helpers import refused_by_the_cli  # noqa: E402
 
 import optax_accel as oa  # noqa: E402
+from experiments.lm import config as config_lib  # noqa: E402
 from experiments.lm import model as model_lib  # noqa: E402
+from experiments.lm import step as step_lib  # noqa: E402
 from experiments.lm import train as train_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def _cli(*args, env=None):
 
 def _tiny(corpus, steps=20, **extra):
   sets = {"data.path": corpus, "train.steps": steps, "log.progress": False, "eval.interval": 10,
-          "eval.batches": 2, **extra}
+          "eval.tokens": 2048, **extra}
   return [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
 
 
@@ -72,7 +74,7 @@ def test_model_output_shapes():
 @pytest.mark.parametrize("optimizer", ["adamw", "ademamix"])
 def test_loss_falls_on_tiny_preset(corpus, optimizer):
   """ln(256) = 5.55 at init; 80 steps must bring the training loss down by at least 1.5 nats."""
-  cfg = train_lib.build_config("tiny", {"data.path": corpus, "train.steps": 80,
+  cfg = config_lib.build_config("tiny", {"data.path": corpus, "train.steps": 80,
                                         "optim.name": optimizer, "log.progress": False,
                                         "optim.kwargs": {"b3": 0.999} if optimizer == "ademamix"
                                         else {}})
@@ -188,12 +190,12 @@ def test_hypergradients_are_formed_from_unclipped_gradients_unless_told():
   the clip in front as for every other optimizer."""
   params = {"w": jnp.ones((3, 4))}
   for grads_for_h, clipped_in_front in (("unclipped", False), ("clipped", True)):
-    cfg = train_lib.build_config("tiny", {"optim.name": "hyperadam", "optim.clip": 0.5,
+    cfg = config_lib.build_config("tiny", {"optim.name": "hyperadam", "optim.clip": 0.5,
                                           "optim.hypergrad_grads": grads_for_h})
-    state = train_lib.make_optimizer(cfg, params).init(params)
+    state = step_lib.make_optimizer(cfg, params).init(params)
     assert isinstance(state[0], optax.EmptyState) == clipped_in_front, grads_for_h
     assert isinstance(state, oa.HypergradientState) != clipped_in_front, grads_for_h
-  adamw = train_lib.build_config("tiny", {"optim.name": "adamw", "optim.clip": 0.5})
-  assert isinstance(train_lib.make_optimizer(adamw, params).init(params)[0], optax.EmptyState)
-  with pytest.raises(train_lib.ConfigError, match="optim.hypergrad_grads"):
-    train_lib.build_config("tiny", {"optim.hypergrad_grads": "raw"})
+  adamw = config_lib.build_config("tiny", {"optim.name": "adamw", "optim.clip": 0.5})
+  assert isinstance(step_lib.make_optimizer(adamw, params).init(params)[0], optax.EmptyState)
+  with pytest.raises(config_lib.ConfigError, match="optim.hypergrad_grads"):
+    config_lib.build_config("tiny", {"optim.hypergrad_grads": "raw"})

@@ -21,7 +21,7 @@ def quick_results(tmp_path_factory):
   corpus = folder / "corpus.txt"
   corpus.write_text("to be or not to be that is the question\n" * 400)
   compare.run_preset("quick", "full", out=str(folder), data_path=str(corpus),
-                     overrides_extra={"train.steps": 15, "eval.interval": 5, "eval.batches": 2},
+                     overrides_extra={"train.steps": 15, "eval.interval": 5, "eval.tokens": 2048},
                      optimizers=("adamw", "schedule_free_adamw", "mada"))
   return folder
 

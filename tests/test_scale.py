@@ -21,7 +21,9 @@ import pytest
 
 pytest.importorskip("flax")
 
+from experiments.lm import config as config_lib  # noqa: E402
 from experiments.lm import model as model_lib  # noqa: E402
+from experiments.lm import step as step_lib  # noqa: E402
 from experiments.lm import train as train_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,9 +71,9 @@ def test_step_spreads_over_tpu_chips(case):
                                   "hyperadam"])
 def test_parameter_sized_optimizer_buffers_are_sharded_like_their_parameter(name):
   """No compile: the state sharding the step is built with (8 CPU devices, pure FSDP)."""
-  cfg = train_lib.build_config("tiny", {"optim.name": name, "mesh.fsdp": -1,
+  cfg = config_lib.build_config("tiny", {"optim.name": name, "mesh.fsdp": -1,
                                         "train.batch_size": 8})
-  program = train_lib.build_train_step(cfg)
+  program = step_lib.build_train_step(cfg)
   params = program.abstract_state["params"]
   specs = {leaf.shape: leaf.sharding.spec for leaf in jax.tree.leaves(params)}
   checked = 0
@@ -93,9 +95,9 @@ def corpus(tmp_path_factory):
 
 
 def _train(corpus, **overrides):
-  cfg = train_lib.build_config("tiny", {"data.path": corpus, "train.steps": 6,
+  cfg = config_lib.build_config("tiny", {"data.path": corpus, "train.steps": 6,
                                         "train.batch_size": 32, "log.progress": False,
-                                        "eval.interval": 3, "eval.batches": 1, **overrides})
+                                        "eval.interval": 3, "eval.tokens": 1024, **overrides})
   summary = train_lib.train(cfg)
   return [r["loss"] for r in summary["history"]], summary["state"]["params"]
 
@@ -150,9 +152,9 @@ def test_padded_vocabulary_loss_equals_unpadded(arch, chunk):
 
 
 def test_grad_accum_auto_and_bad_values():
-  cfg = train_lib.build_config("tiny", {"train.batch_size": 64, "train.grad_accum": "auto",
+  cfg = config_lib.build_config("tiny", {"train.batch_size": 64, "train.grad_accum": "auto",
                                         "train.device_batch": 2})
-  assert train_lib.gradient_accumulation(cfg, 8) == 4
+  assert step_lib.gradient_accumulation(cfg, 8) == 4
   for bad in (0, 3, -1, "x", True):
-    with pytest.raises(train_lib.ConfigError, match="grad_accum"):
-      train_lib.gradient_accumulation({**cfg, "train.grad_accum": bad}, 8)
+    with pytest.raises(config_lib.ConfigError, match="grad_accum"):
+      step_lib.gradient_accumulation({**cfg, "train.grad_accum": bad}, 8)

@@ -19,7 +19,7 @@ pytest.importorskip("orbax.checkpoint")
 
 from helpers import refused_by_the_cli  # noqa: E402
 
-from experiments.lm import train as train_lib  # noqa: E402
+from experiments.lm import config as config_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def corpus(tmp_path_factory):
 
 def _args(corpus, tmp_path, steps=40, **extra):
   sets = {"data.path": corpus, "train.steps": steps, "log.progress": False,
-          "eval.interval": 1000, "eval.batches": 1, "ckpt.dir": str(tmp_path / "ckpt"),
+          "eval.interval": 1000, "eval.tokens": 1024, "ckpt.dir": str(tmp_path / "ckpt"),
           "log.metrics": str(tmp_path / "metrics.jsonl"), **extra}
   return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
 
@@ -181,5 +181,5 @@ def test_bad_settings_give_one_error_line(corpus, tmp_path, setting, capfd):
 
 def test_help_lists_every_config_key_with_its_default():
   out = _run(["--help"], check_rc=0).stdout
-  for key, value in train_lib.DEFAULTS.items():
+  for key, value in config_lib.DEFAULTS.items():
     assert f"{key} = {value!r}" in out

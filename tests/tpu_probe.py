@@ -14,12 +14,13 @@ import sys
 import jax
 
 from experiments.lm import aot
-from experiments.lm import train as train_lib
+from experiments.lm import config as config_lib
+from experiments.lm import step as step_lib
 
 
 def probe(config, topology, overrides):
-  cfg = train_lib.build_config(config, list(overrides))
-  program = train_lib.build_train_step(cfg, aot.topology_devices(topology))
+  cfg = config_lib.build_config(config, list(overrides))
+  program = step_lib.build_train_step(cfg, aot.topology_devices(topology))
   with jax.set_mesh(program.mesh):
     compiled = program.step.lower(program.abstract_state, *program.abstract_batch()).compile(
         compiler_options=aot.COUNTING_OPTIONS)

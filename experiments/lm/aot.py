@@ -35,8 +35,9 @@ import numpy as np
 import optax
 
 from experiments import reporting
+from experiments.lm import config as config_lib
 from experiments.lm import model as model_lib
-from experiments.lm import train as train_lib
+from experiments.lm import step as step_lib
 
 GIB = 2 ** 30
 # Per chip: usable HBM (bytes), peak bf16 FLOP/s, HBM bandwidth (bytes/s); public spec sheets.
@@ -88,7 +89,7 @@ def compile_stats(lowered, *, counting: bool = False) -> dict:
           **hlo_counts(compiled.as_text())}
 
 
-def optimizer_step_stats(program: train_lib.TrainStep) -> dict:
+def optimizer_step_stats(program: step_lib.TrainStep) -> dict:
   """The optimizer update + apply alone, on the sharded parameters and state (both donated)."""
   tx = program.tx
 
@@ -121,7 +122,7 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
   chips = len(devices)
   hbm_limit, peak, bandwidth = CHIPS[topology.split(":")[0]]
   started = time.perf_counter()
-  program = train_lib.build_train_step(cfg, devices)
+  program = step_lib.build_train_step(cfg, devices)
   opt = optimizer_step_stats(program)
   state_per_chip = per_chip_bytes(program.abstract_state["opt_state"])
   microbatch_stats = baseline["fwd_bwd"] if baseline else None
@@ -137,7 +138,7 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
             "output_bytes": None, "source": "estimated from adamw",
             **{k: baseline["collectives"][k] for k in COLLECTIVES}, "copy": baseline["copies"]}
   if microbatch_stats is None:
-    micro_program = train_lib.build_train_step(
+    micro_program = step_lib.build_train_step(
         {**cfg, "train.batch_size": program.micro_batch, "train.grad_accum": 1}, devices)
     with jax.set_mesh(micro_program.mesh):
       micro = compile_stats(micro_program.step.lower(micro_program.abstract_state,
@@ -209,7 +210,7 @@ def run_matrix(out_dir: str, configs, topologies, optimizers) -> list[dict]:
           with open(path) as f:
             result = json.load(f)
         else:
-          cfg = train_lib.build_config(name, {"optim.name": optimizer})
+          cfg = config_lib.build_config(name, {"optim.name": optimizer})
           per_step = cfg["train.device_batch"] or 1
           # The paper batch where the slice divides it, else the next multiple that does.
           multiple = chips * per_step
@@ -259,7 +260,7 @@ def matrix_table(out_dir: str):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="shakespeare-char", help=", ".join(train_lib.PRESETS))
+  parser.add_argument("--config", default="shakespeare-char", help=", ".join(config_lib.PRESETS))
   parser.add_argument("--topology", default="v5e:2x2", help="e.g. v5e:4x4, v4:2x2x4")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   parser.add_argument("--out", default=None, help="JSON path (default: print only)")
@@ -272,9 +273,9 @@ def main(argv=None):
       run_matrix(args.out_dir, MATRIX["configs"], MATRIX["topologies"], MATRIX["optimizers"])
       matrix_table(args.out_dir)
       return 0
-    result = analyse(train_lib.build_config(args.config, args.set), args.topology,
+    result = analyse(config_lib.build_config(args.config, args.set), args.topology,
                      name=args.config)
-  except train_lib.ConfigError as e:
+  except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.out:

@@ -263,7 +263,7 @@ def _am_claims(stats):
 
 
 PRESETS = {
-    "quick": Preset("tiny", {"train.steps": 300, "eval.interval": 100, "eval.batches": 8},
+    "quick": Preset("tiny", {"train.steps": 300, "eval.interval": 100, "eval.tokens": 8192},
                     _quick_runs, metric_note="no paper number at this scale"),
     "mada-shakespeare": Preset(
         "shakespeare-char", {"optim.kwargs.eps": 1e-8}, _mada_grid, metric="final train loss",
@@ -275,7 +275,7 @@ PRESETS = {
                      "Hypergradients from the unclipped gradient (the official code)"),
         claims=_mada_claims,
         cpu={"model": "tiny", "train.steps": 600, "train.batch_size": 16, "train.seq_len": 64,
-             "eval.interval": 200, "eval.batches": 8, "optim.warmup": 12}),
+             "eval.interval": 200, "eval.tokens": 8192, "optim.warmup": 12}),
     "accel-batch": Preset(
         "gpt2-124m", {"train.steps": 20_000}, _accel_runs,
         batch_sizes=(32, 512),
@@ -286,7 +286,7 @@ PRESETS = {
                      "Simplified-AdEMAMix by the exact AdEMAMix mapping"),
         claims=_accel_claims,
         cpu={"model": "tiny", "train.steps": 1000, "train.seq_len": 64, "eval.interval": 250,
-             "eval.batches": 16, "optim.warmup": 50, "batch_sizes": (8, 32)}),
+             "eval.tokens": 16_384, "optim.warmup": 50, "batch_sizes": (8, 32)}),
     "am-warmup": Preset(
         "llama-60m", {}, _am_runs,
         metric_note=("paper Table 6 (LLaMA-60M, C4, 1B tokens, warmup regime not stated; "
@@ -294,7 +294,7 @@ PRESETS = {
                      "and scale, so compare orderings, not values"),
         claims=_am_claims,
         cpu={"model": "tiny-llama", "train.steps": 1000, "train.batch_size": 16,
-             "train.seq_len": 64, "eval.interval": 250, "eval.batches": 16,
+             "train.seq_len": 64, "eval.interval": 250, "eval.tokens": 16_384,
              "optim.warmup": 100}),
 }
 

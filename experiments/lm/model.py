@@ -167,22 +167,24 @@ def run_blocks(blocks, x, remat: str):
   return x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def softmax_cross_entropy(h, w, targets, n_valid: int, chunk: int):
-  """Mean cross-entropy of the logits ``h @ w`` (f32) over the first ``n_valid`` classes.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def softmax_cross_entropy(h, w, targets, scale, n_valid: int, chunk: int):
+  """Cross-entropy of the logits ``h @ w`` (f32) over the first ``n_valid`` classes.
 
   h: (batch, seq, d) hidden states; w: (d, vocab) output layer; targets: (batch, seq) ints.
+  ``scale=None``: the mean over every position. Otherwise targets < 0 carry no loss (padding) and
+  the result is ``scale`` times the sum over the others (the caller passes 1 / the token count
+  of its whole batch, so that microbatches add up to the per-token mean).
   Computed ``chunk`` positions of the sequence at a time (0: all at once); the gradients with
   respect to h and w are formed in the same pass (softmax - one-hot), so no chunk's logits are
   kept for the backward pass and nothing is recomputed.
   """
-  return _cross_entropy_fwd(h, w, targets, n_valid, chunk)[0]
+  return _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk)[0]
 
 
-def _cross_entropy_fwd(h, w, targets, n_valid, chunk):
+def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
   b, t, _ = h.shape
   chunk = chunk or t
-  scale = 1.0 / (b * t)
   w_c = w.astype(h.dtype)
   vocab_ids = jnp.arange(w.shape[1])
   total, grad_h, grad_w = jnp.zeros([], jnp.float32), [], jnp.zeros(w.shape, jnp.float32)
@@ -192,18 +194,26 @@ def _cross_entropy_fwd(h, w, targets, n_valid, chunk):
     logits = jnp.where(vocab_ids < n_valid, logits, -jnp.inf)
     log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     one_hot = vocab_ids == y_c[..., None]
-    total += jnp.sum(log_z[..., 0] - jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1))
-    d_logits = ((jnp.exp(logits - log_z) - one_hot) * scale).astype(h.dtype)
+    token_loss = log_z[..., 0] - jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
+    if scale is None:
+      weight = 1.0 / (b * t)
+    else:
+      token_loss = jnp.where(y_c >= 0, token_loss, 0.0)
+      weight = jnp.where(y_c >= 0, scale, 0.0)[..., None]
+    total += jnp.sum(token_loss)
+    d_logits = ((jnp.exp(logits - log_z) - one_hot) * weight).astype(h.dtype)
     grad_h.append(constrain_batch(jnp.einsum("btv,dv->btd", d_logits, w_c)))
     grad_w += jnp.einsum("btd,btv->dv", h_c, d_logits, preferred_element_type=jnp.float32)
   grad_h = jnp.concatenate(grad_h, axis=1) if len(grad_h) > 1 else grad_h[0]
-  return total * scale, (grad_h, grad_w.astype(w.dtype))
+  total = total * (1.0 / (b * t) if scale is None else scale)
+  return total, (grad_h, grad_w.astype(w.dtype), scale)
 
 
 def _cross_entropy_bwd(n_valid, chunk, residuals, g):
   del n_valid, chunk
-  grad_h, grad_w = residuals
-  return (g * grad_h).astype(grad_h.dtype), (g * grad_w).astype(grad_w.dtype), None
+  grad_h, grad_w, scale = residuals
+  grad_scale = None if scale is None else jnp.zeros_like(scale)
+  return ((g * grad_h).astype(grad_h.dtype), (g * grad_w).astype(grad_w.dtype), None, grad_scale)
 
 
 softmax_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
@@ -220,10 +230,11 @@ class DecoderLM(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return logits[..., :self.cfg.vocab_size]
 
-  def loss(self, tokens, targets):
-    """Mean next-token cross-entropy, through the fused chunked output layer."""
+  def loss(self, tokens, targets, scale=None):
+    """Next-token cross-entropy through the fused chunked output layer: the mean over positions
+    (``scale=None``), or ``scale`` x the sum over targets >= 0 (padded batches)."""
     h, w = self.features(tokens)
-    return softmax_cross_entropy(h, w, targets, self.cfg.vocab_size, self.cfg.loss_chunk)
+    return softmax_cross_entropy(h, w, targets, scale, self.cfg.vocab_size, self.cfg.loss_chunk)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""Training configuration: flat dotted keys (``DEFAULTS``), presets, validation.
+
+``build_config(preset, overrides)`` gives the full configuration of a run; ``--set key=value`` on
+the command line becomes one override (values are parsed as JSON/Python literals;
+``optim.kwargs.NAME=value`` passes a keyword to the optimizer).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+from typing import Any
+
+import optax_accel as oa
+from experiments.lm import data as data_lib
+from experiments.lm import model as model_lib
+
+
+class ConfigError(ValueError):
+  """An invalid configuration (reported as one line by the CLI)."""
+
+
+DEFAULTS: dict[str, Any] = {
+    "model": "tiny",
+    "model.compute_dtype": "float32",
+    "model.remat": "none",  # "none", "block" or "dots_saveable"
+    "model.loss_chunk": None,  # sequence positions per fused output-layer+loss chunk; None: preset's
+    "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
+    "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
+    "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH
+    "data.val_fraction": 0.1,  # for text corpora: the last fraction of the tokens
+    "data.vocab_size": None,  # for uint32 llm.c shards (no vocabulary recorded)
+    "data.sampling": "windows",  # "windows" (nanoGPT/MADA), "packed", "documents" (GaLore/AM)
+    "data.prefetch": 2,  # batches prepared ahead on a background thread (0: none)
+    "train.steps": 200,
+    "train.batch_size": 16,
+    "train.seq_len": 64,
+    "train.seed": 0,
+    "train.grad_accum": 1,  # microbatches per step (mean gradient), or "auto" (train.device_batch)
+    "train.device_batch": None,  # sequences per device per microbatch, for grad_accum="auto"
+    "train.stop_at": None,  # stop (with a checkpoint) after this step, as if the job died
+    "optim.name": "adamw",
+    "optim.lr": 3e-3,
+    "optim.schedule": "cosine",  # or "constant"
+    "optim.warmup": 20,
+    "optim.min_lr_ratio": 0.1,
+    "optim.weight_decay": 0.1,
+    "optim.decay": "matrices",  # "matrices" (not embeddings), "all" or "none"
+    "optim.clip": 1.0,  # global-norm clip, 0: off
+    # Learned-hyperparameter optimizers (MADA, HyperAdam): form the hypergradient from the
+    # "unclipped" gradient and clip only what the update sees (the official MADA code), or
+    # from the "clipped" one (the clip chained in front, as for every other optimizer).
+    "optim.hypergrad_grads": "unclipped",
+    "optim.kwargs": {},
+    "train.on_nan": "stop",  # non-finite loss/gradient: "stop" (exit 3) or "skip" the step
+    "train.max_skips": 10,  # with on_nan=skip: stop after this many consecutive skipped steps
+    "eval.interval": 50,
+    "eval.tokens": 16_384,  # the fixed validation set: its first tokens (at most the split)
+    "ckpt.dir": None,
+    "ckpt.interval": 100,  # steps between checkpoints (also at the end, on SIGINT/SIGTERM)
+    "ckpt.minutes": 15.0,  # and at least this often in wall time
+    "ckpt.keep": 2,  # >= 1; a non-finite state is never saved
+    "log.metrics": None,  # JSONL path (a new run refuses an existing file unless log.overwrite)
+    "log.overwrite": False,
+    "log.progress": True,
+    "mesh.fsdp": 1,  # parameter-sharding axis size (-1: all devices); data takes the rest
+    "distributed": False,  # multi-host: jax.distributed.initialize (auto-detects TPU/SLURM)
+    "distributed.coordinator": None,  # or explicit "host:port", process count and id
+    "distributed.num_processes": None,
+    "distributed.process_id": None,
+    "peak_flops": None,  # per device, for MFU; None: a table by device kind
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "tiny-llama": {"model": "tiny-llama"},
+    "shakespeare-char": {  # MADA's Shakespeare setup (paper §5.3, App. C.2)
+        "model": "shakespeare-char", "train.steps": 5000, "train.batch_size": 64,
+        "train.seq_len": 256, "optim.lr": 1e-3, "optim.warmup": 100, "optim.min_lr_ratio": 0.1,
+        "optim.weight_decay": 0.1, "eval.interval": 250, "eval.tokens": 2 ** 18},
+    "gpt2-124m": {  # nanoGPT / MADA OpenWebText-style schedule (bring your own corpus)
+        "model": "gpt2-124m", "model.compute_dtype": "bfloat16", "train.steps": 100_000,
+        "train.batch_size": 480, "train.seq_len": 1024, "optim.lr": 6e-4, "optim.warmup": 2000,
+        "optim.min_lr_ratio": 0.025, "eval.interval": 500, "eval.tokens": 2 ** 23,
+        "train.grad_accum": "auto", "train.device_batch": 2, "mesh.fsdp": -1},
+    "llama-60m": {
+        "model": "llama-60m", "model.compute_dtype": "bfloat16", "train.steps": 10_000,
+        "train.batch_size": 512, "train.seq_len": 256, "optim.lr": 1e-3, "optim.warmup": 1000,
+        "eval.interval": 500, "eval.tokens": 2 ** 23,
+        "train.grad_accum": "auto", "train.device_batch": 16, "mesh.fsdp": -1},
+    "llama-100m": {
+        "model": "llama-100m", "model.compute_dtype": "bfloat16", "train.steps": 20_000,
+        "train.batch_size": 512, "train.seq_len": 256, "optim.lr": 1e-3, "optim.warmup": 1000,
+        "eval.interval": 500, "eval.tokens": 2 ** 23,
+        "train.grad_accum": "auto", "train.device_batch": 16, "mesh.fsdp": -1},
+    "llama-1b": {  # TinyLlama-1.1B shape; 256 x 2048 tokens per step, pure FSDP, remat
+        "model": "llama-1b", "model.compute_dtype": "bfloat16", "model.remat": "block",
+        "train.steps": 50_000, "train.batch_size": 256, "train.seq_len": 2048, "optim.lr": 4e-4,
+        "optim.warmup": 2000, "eval.interval": 1000, "eval.tokens": 2 ** 23,
+        "train.grad_accum": "auto", "train.device_batch": 1, "mesh.fsdp": -1},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def _literal(text: str) -> Any:
+  for parse in (json.loads, ast.literal_eval):
+    try:
+      return parse(text)
+    except (ValueError, SyntaxError):
+      pass
+  lowered = text.lower()
+  return {"true": True, "false": False, "none": None, "null": None}.get(lowered, text)
+
+
+def is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dict[str, Any]:
+  """DEFAULTS updated by PRESETS[preset] and the overrides (``key=value`` strings or a dict)."""
+  if preset not in PRESETS:
+    raise ConfigError(f"unknown config {preset!r}; choose one of {', '.join(PRESETS)}")
+  cfg = {**DEFAULTS, **PRESETS[preset], "optim.kwargs": dict(PRESETS[preset].get(
+      "optim.kwargs", {}))}
+  items = overrides.items() if isinstance(overrides, dict) else []
+  if not isinstance(overrides, dict):
+    for item in overrides:
+      if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+      key, value = item.split("=", 1)
+      items.append((key.strip(), _literal(value)))
+  for key, value in items:
+    if key.startswith("optim.kwargs."):
+      cfg["optim.kwargs"][key.removeprefix("optim.kwargs.")] = value
+    elif key in cfg:
+      cfg[key] = value
+    else:
+      raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(DEFAULTS)}")
+  if cfg["model"] not in model_lib.PRESETS:
+    raise ConfigError(f"unknown model {cfg['model']!r}; choose one of "
+                      f"{', '.join(model_lib.PRESETS)}")
+  if cfg["optim.name"] not in oa.list_optimizers():
+    raise ConfigError(f"unknown optimizer {cfg['optim.name']!r}; choose one of "
+                      f"{', '.join(oa.list_optimizers())}")
+  for key in ("train.steps", "train.batch_size", "train.seq_len", "eval.tokens",
+              "eval.interval", "ckpt.interval", "ckpt.keep", "train.max_skips"):
+    if not is_int(cfg[key]) or cfg[key] <= 0:
+      raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
+  for key, low, high in (("optim.lr", 0.0, None), ("optim.clip", 0.0, None),
+                         ("optim.min_lr_ratio", 0.0, 1.0), ("optim.weight_decay", 0.0, None),
+                         ("ckpt.minutes", 0.0, None), ("data.val_fraction", 0.0, 1.0)):
+    value = cfg[key]
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        or value < low or (high is not None and value > high)):
+      bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+      raise ConfigError(f"{key} must be a finite number {bounds}, got {value!r}")
+  if cfg["optim.lr"] == 0:
+    raise ConfigError("optim.lr must be > 0, got 0")
+  if not is_int(cfg["data.prefetch"]) or cfg["data.prefetch"] < 0:
+    raise ConfigError(f"data.prefetch must be an integer >= 0, got {cfg['data.prefetch']!r}")
+  for key in ("model.vocab_size", "data.vocab_size"):
+    if cfg[key] is not None and (not is_int(cfg[key]) or cfg[key] < 1):
+      raise ConfigError(f"{key} must be a positive integer or none, got {cfg[key]!r}")
+  if not is_int(cfg["optim.warmup"]) or cfg["optim.warmup"] < 0:
+    raise ConfigError(f"optim.warmup must be an integer >= 0, got {cfg['optim.warmup']!r}")
+  choices = {"optim.schedule": ("cosine", "constant"), "optim.decay": ("matrices", "all", "none"),
+             "train.on_nan": ("stop", "skip"), "model.remat": tuple(model_lib.REMAT_POLICIES),
+             "optim.hypergrad_grads": ("unclipped", "clipped"),
+             "data.sampling": data_lib.SAMPLING}
+  for key, allowed in choices.items():
+    if cfg[key] not in allowed:
+      raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
+                        f"got {cfg[key]!r}")
+  return cfg
+
+
+def model_config(cfg) -> model_lib.ModelConfig:
+  base = model_lib.PRESETS[cfg["model"]]
+  changes = {"compute_dtype": cfg["model.compute_dtype"], "remat": cfg["model.remat"]}
+  if cfg["model.vocab_size"] is not None:
+    changes["vocab_size"] = cfg["model.vocab_size"]
+  if cfg["model.loss_chunk"] is not None:
+    changes["loss_chunk"] = cfg["model.loss_chunk"]
+  try:
+    mc = dataclasses.replace(base, **changes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if cfg["train.seq_len"] > mc.context:
+    raise ConfigError(f"train.seq_len {cfg['train.seq_len']} exceeds the model context "
+                      f"{mc.context}")
+  return mc
