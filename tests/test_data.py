@@ -328,3 +328,39 @@ def test_text_with_another_tokenizer(gpt2, folder):
   data = data_lib.open_data(folder, tokenizer="gpt2")
   assert data.vocab_size == 50257 and data.identity["tokenizer"] == "gpt2"
   assert pathlib.Path(data.identity["path"]) == folder.resolve()
+
+
+def test_dataset_streams_with_their_own_validation_split(gpt2, tmp_path, monkeypatch):
+  """--dataset NAME CONFIG: each split streamed from ``datasets.load_dataset(..., streaming=True)``
+  (a stand-in module here: no network in tests), cut at --max-train-tokens; a resumed prepare
+  skips the documents already on disk with the stream's own ``skip``."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  texts = {"train": [f"train document {i} " * 5 for i in range(40)],
+           "validation": [f"held out {i} " * 3 for i in range(5)]}
+  calls = []
+
+  class Stream:
+    def __init__(self, records, start=0):
+      self.records, self.start = records, start
+
+    def skip(self, n):
+      return Stream(self.records, self.start + n)
+
+    def __iter__(self):
+      return iter(self.records[self.start:])
+
+  def load_dataset(*name, split, streaming):
+    calls.append((name, split, streaming))
+    return Stream([{"content": t} for t in texts[split]])
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+  out = tmp_path / "c4"
+  _prepare("--dataset", "allenai/c4", "en", "--val-split", "validation", "--text-field",
+           "content", "--tokenizer", "gpt2", "--max-train-tokens", "300", "--out", str(out))
+  assert calls == [(("allenai/c4", "en"), "train", True), (("allenai/c4", "en"), "validation", True)]
+  data = data_lib.open_data(out)
+  val = gpt2.decode(list(_all_tokens(data.splits["val"])))
+  assert val == "".join(t + "<|endoftext|>" for t in texts["validation"])
+  assert 300 <= data.splits["train"].n_tokens < 300 + 30  # stops at the document that crosses it
+

@@ -160,7 +160,7 @@ def test_bad_input_gives_one_clear_line(corpus, tmp_path, case, capfd):
 
 def test_two_processes_with_jax_distributed_match_single_process(corpus, tmp_path):
   """Two local processes (1 CPU device each) joined by jax.distributed.initialize on localhost
-  train like one process with 2 devices."""
+  train and validate like one process with 2 devices."""
   import socket  # pylint: disable=import-outside-toplevel
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
@@ -178,10 +178,12 @@ def test_two_processes_with_jax_distributed_match_single_process(corpus, tmp_pat
     assert proc.returncode == 0, err[-3000:]
   _cli(*common, "--set", f"log.metrics={tmp_path / 'single.jsonl'}",
        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  multi, single = ([json.loads(x)["loss"] for x in (tmp_path / f).read_text().splitlines()]
+  multi, single = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()]
                    for f in ("multi.jsonl", "single.jsonl"))
-  assert len(multi) == 10
-  np.testing.assert_allclose(multi, single, rtol=1e-6)
+  assert len(multi) == 10 and "val_loss" in multi[-1]
+  # Each process built only its own device's rows of every batch (and of the validation set).
+  np.testing.assert_allclose([r["loss"] for r in multi], [r["loss"] for r in single], rtol=1e-6)
+  np.testing.assert_allclose(multi[-1]["val_loss"], single[-1]["val_loss"], rtol=1e-6)
 
 
 def test_hypergradients_are_formed_from_unclipped_gradients_unless_told():

@@ -125,9 +125,11 @@ def test_rematerialisation_changes_nothing(corpus):
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-llama"])
 @pytest.mark.parametrize("chunk", [0, 16])
-def test_padded_vocabulary_loss_equals_unpadded(arch, chunk):
+@pytest.mark.parametrize("masked", [False, True])
+def test_padded_vocabulary_loss_equals_unpadded(arch, chunk, masked):
   """Vocabulary 200 is padded to 256; the fused chunked loss and its gradient equal optax's
-  cross-entropy over the 200 real logits."""
+  cross-entropy over the 200 real logits. Masked (padded documents): targets -1 carry no loss and
+  ``scale`` x the sum over the rest equals the mean over the real targets."""
   import optax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   cfg = model_lib.ModelConfig(**{**model_lib.PRESETS[arch].__dict__, "vocab_size": 200,
@@ -136,14 +138,20 @@ def test_padded_vocabulary_loss_equals_unpadded(arch, chunk):
   graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
   tokens = jax.random.randint(jax.random.key(1), (3, 64), 0, 200)
   targets = jnp.roll(tokens, -1, axis=1)
+  valid = jnp.ones(targets.shape, bool)
+  if masked:  # rows padded after 40, 9 and 64 real targets
+    valid = jnp.arange(64)[None] < jnp.array([40, 9, 64])[:, None]
+    targets = jnp.where(valid, targets, -1)
+  scale = 1.0 / jnp.sum(valid) if masked else None
 
   def fused(p):
-    return nnx.merge(graphdef, p).loss(tokens, targets)
+    return nnx.merge(graphdef, p).loss(tokens, targets, scale)
 
   def reference(p):
     logits = nnx.merge(graphdef, p)(tokens)
     assert logits.shape == (3, 64, 200)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.sum(valid)
 
   (a, grad_a), (b, grad_b) = jax.value_and_grad(fused)(params), jax.value_and_grad(reference)(params)
   np.testing.assert_allclose(a, b, rtol=1e-6)
