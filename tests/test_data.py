@@ -114,8 +114,8 @@ def test_prepare_round_trips_the_text(gpt2, folder, tmp_path):
     assert decoded == "".join(texts[i] + "<|endoftext|>" for i in docs)
     assert meta["splits"][name]["tokens"] == split.n_tokens
     assert meta["splits"][name]["documents"] == len(docs) == len(split.documents())
-    for a, b in split.documents():  # each document ends with its end-of-text token
-      assert split.tokens(int(b) - 1, 1)[0] == 50256
+    for _, end in split.documents():  # each document ends with its end-of-text token
+      assert split.tokens(int(end) - 1, 1)[0] == 50256
   assert len(meta["splits"]["train"]["shards"]) >= 2  # shard-tokens 700: cut at a document end
   assert prepare_lib.main(["--verify", str(out)]) == 0
   shard = out / meta["splits"]["train"]["shards"][0]["file"]
