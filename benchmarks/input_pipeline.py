@@ -151,7 +151,7 @@ def main(argv=None):
       f"- batch {BATCH} x {SEQ} (gpt2-124m preset) from {args.tokens / 1e6:.0f}M synthetic GPT-2 "
       "ids in two memory-mapped uint16 shards; each step reads new windows",
       f"- consumed by gpt2-124m on v5e:4x4 at its roofline step ({step_s:.4f} s, "
-      f"results/scale/table.md): {consumed / 1e6:.3f}M tokens/s; target >= 2x that",
+      f"results/scale/table.csv): {consumed / 1e6:.3f}M tokens/s; target >= 2x that",
       "", "| sampling | rows ms | rows tokens/s | as global array ms | global tokens/s | "
       "x v5e-16 consumption |", "|---|---|---|---|---|---|"]
   for r in rows:

@@ -297,7 +297,7 @@ def test_bad_data_is_refused(case, folder, tmp_path, capsys):
                              "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: the val split is empty")
-    assert not (out / "meta.json").exists()
+    assert not out.exists()
     return
   _prepare("--input", str(folder), "--tokenizer", "bytes", "--out", str(out))
   if case == "no_meta":

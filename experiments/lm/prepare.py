@@ -268,6 +268,13 @@ def prepare(args) -> dict:
           "splits": {s: w.summary() for s, w in writers.items()}}
   for split, info in meta["splits"].items():
     if not info["tokens"]:
+      for writer in writers.values():  # this run's files go: a corrected command starts afresh
+        for shard in writer.shards:
+          (out / shard["file"]).unlink(missing_ok=True)
+          (out / shard["documents_file"]).unlink(missing_ok=True)
+      (out / PROGRESS).unlink(missing_ok=True)
+      if not any(out.iterdir()):
+        out.rmdir()
       raise data_lib.DataError(f"the {split} split is empty (raise --val-fraction or give more "
                                "input); nothing was written")
   _write_json(out / data_lib.META, meta)
