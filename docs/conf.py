@@ -8,7 +8,8 @@ project = "optax_accel"
 author = "optax_accel developers"
 copyright = "2026, optax_accel developers"  # pylint: disable=redefined-builtin
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon",
-              "sphinx.ext.mathjax", "sphinx.ext.viewcode"]
+              "sphinx.ext.mathjax", "sphinx.ext.viewcode",
+              "sphinx-mathjax-offline"]  # MathJax served from _static: math renders offline
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3

@@ -98,11 +98,26 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 
 def check_steps(name: str, value: Any, *, allow_none: bool = True) -> None:
-  """A step count: a non-negative Python int (or None when allowed)."""
+  """A step count: a non-negative int (or None when allowed). An injected value (a JAX array,
+  as ``optax.inject_hyperparams`` passes every numeric argument) is checked where it is concrete
+  and accepted unchecked where it is traced, like a schedule."""
   if value is None and allow_none:
     return
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, jax.Array) and value.ndim == 0:
+    number = float(value)
+    if number >= 0 and number == int(number):
+      return
+  elif not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 0:
+    return
+  raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+
+
+def steps_off(value: Any) -> bool:
+  """True when a step count switches its feature off for good: None, or a static 0. An injected
+  count is never off at construction: it may be any value at run time (0 then acts as off)."""
+  return value is None or (isinstance(value, (int, np.integer)) and value == 0)
 
 
 def is_static(value: Any, target: float) -> bool:
@@ -139,9 +154,13 @@ def as_float(count: jax.Array) -> jax.Array:
   return jnp.asarray(count, jnp.result_type(float))
 
 
-def warmup_fraction(count: jax.Array, warmup_steps: int) -> jax.Array:
-  """min(count / warmup_steps, 1) in the default float precision (1 when warmup_steps == 0)."""
-  return jnp.minimum(as_float(count) / max(warmup_steps, 1), 1.0)
+def warmup_fraction(count: jax.Array, warmup_steps: int | jax.Array) -> jax.Array:
+  """min(count / warmup_steps, 1) in the default float precision (1 when warmup_steps == 0);
+  ``warmup_steps`` may be an injected (traced) count."""
+  if isinstance(warmup_steps, (int, np.integer)):
+    return jnp.minimum(as_float(count) / max(warmup_steps, 1), 1.0)
+  steps = as_float(warmup_steps)
+  return jnp.where(steps > 0, jnp.minimum(as_float(count) / jnp.maximum(steps, 1.0), 1.0), 1.0)
 
 
 def mix(weight: Any, a: Any, b: Any) -> Any:

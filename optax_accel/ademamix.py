@@ -21,7 +21,6 @@ The half-life scheduler uses ln(beta) exactly (PyTorch adds 1e-8 inside the log)
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -92,9 +91,10 @@ def beta_warmup_schedule(beta_end: float, warmup_steps: int, beta_start: float) 
   C.check_range("beta_end", beta_end, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_range("beta_start", beta_start, 0.0, 1.0, lo_open=True, hi_open=True)
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
-  log_start, log_end = math.log(beta_start), math.log(beta_end)
 
   def schedule(count):
+    # In the count's float precision, so that injected (array) betas give the same values.
+    log_start, log_end = (jnp.log(C.as_float(b)) for b in (beta_start, beta_end))
     a = C.warmup_fraction(count, warmup_steps)
     beta = jnp.exp(log_start * log_end / ((1 - a) * log_end + a * log_start))
     return jnp.where(a >= 1.0, beta_end, beta)
@@ -113,7 +113,7 @@ def _second_moment_denominator(nu, b2, count, eps, eps_root):
 
 def _half_life_warmup(name, target, warmup_steps, start, start_name):
   """``target`` as is, or grown from ``start`` over ``warmup_steps`` by the half-life scheduler."""
-  if not warmup_steps:
+  if C.steps_off(warmup_steps):
     return target
   if callable(target):
     raise ValueError(f"`{name}` must be a float when `{name}_warmup` is given.")
@@ -286,7 +286,7 @@ def ademamix(
   """
   C.check_steps("alpha_warmup", alpha_warmup)
   C.check_steps("b3_warmup", b3_warmup)
-  if alpha_warmup:
+  if not C.steps_off(alpha_warmup):
     if callable(alpha):
       raise ValueError("`alpha` must be a float when `alpha_warmup` is given.")
     alpha = alpha_warmup_schedule(alpha, alpha_warmup)

@@ -67,7 +67,23 @@ class HypergradientState(NamedTuple):
 
 def per_name(value: Any, names: Sequence[str], defaults: dict | None = None) -> dict:
   """A per-name setting as a dict: a dict updates ``defaults``, a scalar applies to every name,
-  None keeps ``defaults``."""
+  None keeps ``defaults``.
+
+  Args:
+    value: a dict name -> setting, one setting for every name, or None.
+    names: the names a scalar ``value`` applies to.
+    defaults: the settings ``value`` updates (default: none).
+
+  Returns:
+    A new dict name -> setting (``defaults`` is not changed).
+
+  Examples:
+    >>> from optax_accel.hypergradient import per_name
+    >>> per_name(0.1, ["b1", "b2"])
+    {'b1': 0.1, 'b2': 0.1}
+    >>> per_name({"b2": 0.5}, ["b1", "b2"], defaults={"b1": 0.1, "b2": 0.1})
+    {'b1': 0.1, 'b2': 0.5}
+  """
   out = dict(defaults or {})
   if isinstance(value, dict):
     out.update(value)

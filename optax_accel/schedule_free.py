@@ -245,7 +245,7 @@ def is_schedule_free(state: optax.OptState) -> bool:
 def _with_warmup(learning_rate: optax.ScalarOrSchedule, warmup_steps: int):
   """PyTorch's schedule-free warmup: gamma * min(1, t / warmup_steps) at the 1-based step t."""
   C.check_steps("warmup_steps", warmup_steps, allow_none=False)
-  if warmup_steps == 0:
+  if C.steps_off(warmup_steps):
     return learning_rate
   return lambda count: C.at(learning_rate, count) * C.warmup_fraction(count + 1, warmup_steps)
 
