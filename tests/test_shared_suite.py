@@ -137,35 +137,6 @@ def test_injected_step_counts_are_still_checked_where_concrete():
       optax.inject_hyperparams(oa.ademamix)(learning_rate=1e-3, **kwargs).init(_params())
 
 
-# Step counts given a value in the all-injected test (their defaults, None or 0, turn them off).
-INJECTED_STEPS = {"alpha_warmup": 10, "b3_warmup": 10, "b1_warmup": 10, "warmup_steps": 10,
-                  "freeze_steps": 2}
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_every_numeric_hyperparameter_injects_without_static_args(name):
-  """optax injects every numeric argument by default, step counts included: each factory, with
-  every numeric argument injected (warmups switched on), gives the plain call's updates and state
-  over several steps."""
-  factory = oa.get_spec(name).factory
-  kwargs = {k: p.default for k, p in inspect.signature(factory).parameters.items()
-            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
-            and k != "learning_rate"}
-  kwargs.update({k: v for k, v in INJECTED_STEPS.items()
-                 if k in inspect.signature(factory).parameters})
-  bare = factory(1e-2, **kwargs)
-  injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, **kwargs)
-  params = _params()
-  update_bare, update_injected = jax.jit(bare.update), jax.jit(injected.update)
-  s_bare, s_inj = bare.init(params), injected.init(params)
-  for step in range(12):
-    grads = jax.tree.map(lambda g, k=step: g * (1 + 0.1 * k), _grads(params))
-    u_bare, s_bare = update_bare(grads, s_bare, params)
-    u_inj, s_inj = update_injected(grads, s_inj, params)
-    chex.assert_trees_all_close(u_bare, u_inj, rtol=1e-5, atol=1e-7)
-    chex.assert_trees_all_close(s_bare, s_inj.inner_state, rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("name", NAMES)
 def test_update_dtype_equals_param_dtype(name, dtype):
