@@ -152,6 +152,8 @@ class Split:
   shards: list[np.ndarray]
   doc_starts: list[np.ndarray] | None = None  # per shard, offsets into it; documents never span
   max_id: int | None = None  # largest token id, where the metadata records it
+  eot_id: int | None = None  # without doc_starts: documents end at this token (found when needed)
+  _documents: np.ndarray | None = dataclasses.field(default=None, init=False, repr=False)
 
   def __post_init__(self):
     self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
@@ -171,17 +173,20 @@ class Split:
                                                                length - len(piece))])
 
   def documents(self) -> np.ndarray:
-    """(start, end) of every document in global token offsets, shape (n_docs, 2)."""
-    if self.doc_starts is None:
-      raise DataError(f"the {self.name} split has no document bounds (data.sampling=documents "
-                      "needs data prepared with experiments.lm.prepare or an end-of-text token)")
-    if not hasattr(self, "_docs"):
-      bounds = []
-      for offset, starts, shard in zip(self.offsets, self.doc_starts, self.shards):
-        starts = np.asarray(starts, np.int64)
-        bounds.append(np.stack([starts, np.append(starts[1:], len(shard))], axis=1) + offset)
-      self._docs = np.concatenate(bounds) if bounds else np.zeros((0, 2), np.int64)
-    return self._docs
+    """(start, end) of every document in global token offsets, shape (n_docs, 2); computed once
+    (formats without stored bounds are scanned for the end-of-text token here, not at open)."""
+    if self._documents is None:
+      if self.doc_starts is None and self.eot_id is not None:
+        self.doc_starts = [_eot_starts(shard, self.eot_id) for shard in self.shards]
+      if self.doc_starts is None:
+        raise DataError(f"the {self.name} split has no document bounds (data.sampling=documents "
+                        "needs data prepared with experiments.lm.prepare or an end-of-text token)")
+      bounds = [np.stack([starts, np.append(starts[1:], len(shard))], axis=1) + offset
+                for offset, starts, shard in zip(self.offsets, map(np.asarray, self.doc_starts),
+                                                 self.shards)]
+      self._documents = (np.concatenate(bounds).astype(np.int64) if bounds
+                         else np.zeros((0, 2), np.int64))
+    return self._documents
 
   def largest_id(self) -> int:
     if self.max_id is None:  # read once, a shard at a time in chunks (foreign formats)
@@ -217,10 +222,11 @@ class TokenData:
         docs = split.documents()
         if not len(docs):
           raise DataError(f"the {name} split of {self.description} has no documents")
-        if int(np.max(docs[:, 1] - docs[:, 0])) < seq_len + 1:
+        longest = int(np.max(docs[:, 1] - docs[:, 0]))
+        if longest < seq_len + 1:
           raise DataError(f"seq_len {seq_len} is longer than every document of the {name} split "
-                          f"(longest {int(np.max(docs[:, 1] - docs[:, 0]))} tokens): every row "
-                          "would be padding; use a shorter seq_len or data.sampling=packed")
+                          f"(longest {longest} tokens): every row would be padding; use a "
+                          "shorter seq_len or data.sampling=packed")
 
 
 def _llmc_shard(path: pathlib.Path) -> np.ndarray:
@@ -251,7 +257,7 @@ def write_llmc_shard(path: pathlib.Path, tokens: np.ndarray):
   os.replace(tmp, path)
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def read_json(path: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -259,7 +265,7 @@ def _read_json(path: pathlib.Path) -> dict:
 
 
 def _prepared(folder: pathlib.Path) -> TokenData:
-  meta = _read_json(folder / META)
+  meta = read_json(folder / META)
   try:
     tok, splits = meta["tokenizer"], {}
     for name in ("train", "val"):
@@ -294,14 +300,10 @@ class _PlainData(pickle.Unpickler):
     raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
 
 
-def _eot_documents(split: Split, eot: int | None) -> Split:
-  """Document starts from end-of-text tokens (formats that do not store bounds)."""
-  if eot is not None:
-    split.doc_starts = []
-    for shard in split.shards:
-      ends = np.flatnonzero(np.asarray(shard) == eot) + 1
-      split.doc_starts.append(np.concatenate([[0], ends[ends < len(shard)]]).astype(np.int64))
-  return split
+def _eot_starts(shard: np.ndarray, eot: int) -> np.ndarray:
+  """Document starts of a shard whose documents each end with the end-of-text token."""
+  ends = np.flatnonzero(np.asarray(shard) == eot) + 1
+  return np.concatenate([[0], ends[ends < len(shard)]]).astype(np.int64)
 
 
 def _foreign(folder: pathlib.Path, vocab_size: int | None) -> TokenData:
@@ -329,7 +331,7 @@ def _foreign(folder: pathlib.Path, vocab_size: int | None) -> TokenData:
     vocab, eot, fmt = gpt2_vocab, (None if wide else gpt2_eot), "llmc"
   vocab = vocab_size or vocab
   for split in splits.values():
-    _eot_documents(split, eot)
+    split.eot_id = eot
   identity = {"format": fmt, "path": str(folder.resolve()),
               "sizes": [int(s.size) for n in ("train", "val") for s in splits[n].shards]}
   return TokenData(splits, vocab, eot, eot if eot is not None else 0, f"{folder} ({fmt})", identity)
@@ -384,25 +386,33 @@ def _padded(tokens: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, 
   return inputs, targets
 
 
+def _window_rows(split: Split, starts: np.ndarray, seq_len: int):
+  chunk = np.stack([split.tokens(int(a), seq_len + 1) for a in starts]).reshape(
+      len(starts), seq_len + 1)
+  return chunk[:, :-1], chunk[:, 1:]
+
+
+def _document_rows(data: TokenData, split: Split, docs: np.ndarray, seq_len: int):
+  """One row per document: truncated to seq_len + 1 tokens, padded (targets -1)."""
+  pairs = [_padded(split.tokens(int(a), int(min(b - a, seq_len + 1))), seq_len, data.pad_id)
+           for a, b in docs]
+  return (np.stack([p[0] for p in pairs]).reshape(len(docs), seq_len),
+          np.stack([p[1] for p in pairs]).reshape(len(docs), seq_len))
+
+
 def train_rows(data: TokenData, sampling: str, seed: int, step: int, rows: np.ndarray,
                batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, targets), int32 (len(rows), seq_len): the given rows of training step ``step``."""
   split = data.splits["train"]
   rows = np.asarray(rows)
+  if sampling == "documents":
+    docs = split.documents()
+    return _document_rows(data, split, docs[(step * batch_size + rows) % len(docs)], seq_len)
   if sampling == "windows":
     starts = window_starts(split, seed, step, batch_size, seq_len)[rows]
-  elif sampling == "packed":
-    starts = (step * batch_size + rows) % ((split.n_tokens - 1) // seq_len) * seq_len
   else:
-    docs = split.documents()
-    picked = docs[(step * batch_size + rows) % len(docs)]
-    pairs = [_padded(split.tokens(int(a), int(min(b - a, seq_len + 1))), seq_len, data.pad_id)
-             for a, b in picked]
-    return (np.stack([p[0] for p in pairs]).reshape(len(rows), seq_len),
-            np.stack([p[1] for p in pairs]).reshape(len(rows), seq_len))
-  chunk = np.stack([split.tokens(int(s), seq_len + 1) for s in starts]).reshape(
-      len(rows), seq_len + 1)
-  return chunk[:, :-1], chunk[:, 1:]
+    starts = (step * batch_size + rows) % ((split.n_tokens - 1) // seq_len) * seq_len
+  return _window_rows(split, starts, seq_len)
 
 
 def eval_windows(data: TokenData, sampling: str, seq_len: int, tokens: int) -> int:
@@ -422,16 +432,11 @@ def eval_rows(data: TokenData, sampling: str, seq_len: int, n_rows: int,
   split, rows = data.splits["val"], np.asarray(rows)
   inputs, targets = np.zeros((len(rows), seq_len), np.int32), np.full((len(rows), seq_len), -1,
                                                                        np.int32)
-  for i, row in enumerate(rows):
-    if row >= n_rows:
-      continue
-    if sampling == "documents":
-      a, b = split.documents()[row]
-      inputs[i], targets[i] = _padded(split.tokens(int(a), int(min(b - a, seq_len + 1))),
-                                      seq_len, data.pad_id)
-    else:
-      chunk = split.tokens(int(row) * seq_len, seq_len + 1)
-      inputs[i], targets[i] = chunk[:-1], chunk[1:]
+  real = rows < n_rows
+  if real.any():
+    inputs[real], targets[real] = (
+        _document_rows(data, split, split.documents()[rows[real]], seq_len)
+        if sampling == "documents" else _window_rows(split, rows[real] * seq_len, seq_len))
   return inputs, targets
 
 

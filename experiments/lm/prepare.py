@@ -201,7 +201,7 @@ def prepare(args) -> dict:
               "shard_tokens": args.shard_tokens, "text_field": args.text_field,
               "max_train_tokens": args.max_train_tokens, "max_val_tokens": args.max_val_tokens}
   if (out / data_lib.META).is_file():
-    meta = data_lib._read_json(out / data_lib.META)  # pylint: disable=protected-access
+    meta = data_lib.read_json(out / data_lib.META)
     if meta.get("source") != identity:
       raise data_lib.DataError(f"{out} already holds tokens prepared with other settings; choose "
                                "another --out (nothing was changed)")
@@ -209,7 +209,7 @@ def prepare(args) -> dict:
           file=sys.stderr)
     return meta
   out.mkdir(parents=True, exist_ok=True)
-  progress = data_lib._read_json(out / PROGRESS) if (out / PROGRESS).is_file() else {  # pylint: disable=protected-access
+  progress = data_lib.read_json(out / PROGRESS) if (out / PROGRESS).is_file() else {
       "source": identity, "splits": {}}
   if progress["source"] != identity:
     raise data_lib.DataError(f"{out} holds a partial prepare with other settings; choose another "
@@ -304,7 +304,7 @@ def _split_tail(writers: dict, fraction: float):
 def verify(folder: str) -> list[str]:
   """Shards whose digest or size differs from meta.json (empty: all intact)."""
   folder = pathlib.Path(folder).expanduser()
-  meta = data_lib._read_json(folder / data_lib.META)  # pylint: disable=protected-access
+  meta = data_lib.read_json(folder / data_lib.META)
   bad = []
   for info in meta["splits"].values():
     for shard in info["shards"]:
