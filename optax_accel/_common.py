@@ -48,14 +48,17 @@ def check_range(name: str, value: Any, lo: float | None = None, hi: float | None
                 lo_open: bool = False, hi_open: bool = False) -> None:
   """Raise ValueError naming ``name`` unless ``value`` is finite and inside the interval.
 
-  Schedules and traced values are accepted unchecked (see :func:`check_learning_rate`). A string
-  raises TypeError: it is not a number, even when it reads like one.
+  Schedules and traced values are accepted unchecked (see :func:`check_learning_rate`). A string,
+  a sequence or any other non-scalar raises TypeError: it is not a number, even when it reads
+  like one.
   """
   if isinstance(value, (str, bytes)):
     raise TypeError(f"`{name}` must be a number or a schedule, got the string {value!r}.")
   v = _concrete_float(value)
   if v is None:
-    return
+    if callable(value) or isinstance(value, jax.core.Tracer):
+      return
+    raise TypeError(f"`{name}` must be a number or a schedule, got {value!r}.")
   left = "(" if lo_open else "["
   right = ")" if hi_open else "]"
   interval = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 import optax_accel as oa
@@ -120,6 +121,24 @@ def is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+BOOLEAN_KEYS = ("log.overwrite", "log.progress", "distributed")
+PATH_KEYS = ("data.path", "ckpt.dir", "log.metrics")  # "~" is expanded
+
+
+def _boolean(key: str, value) -> bool:
+  """true/false (any case) or 1/0: a word such as "no" is refused, not read as true."""
+  if isinstance(value, bool) or value in (0, 1):
+    return bool(value)
+  raise ConfigError(f"{key} must be true or false (or 1/0), got {value!r}")
+
+
+def _optional_int(cfg, key: str, low: int, high: int | None = None):
+  value = cfg[key]
+  if value is not None and (not is_int(value) or value < low or (high and value >= high)):
+    bounds = f"in [{low}, {high})" if high else f">= {low}"
+    raise ConfigError(f"{key} must be an integer {bounds} or none, got {value!r}")
+
+
 def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dict[str, Any]:
   """DEFAULTS updated by PRESETS[preset] and the overrides (``key=value`` strings or a dict)."""
   if preset not in PRESETS:
@@ -134,12 +153,22 @@ def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dic
       key, value = item.split("=", 1)
       items.append((key.strip(), _literal(value)))
   for key, value in items:
-    if key.startswith("optim.kwargs."):
+    if key.startswith("optim.kwargs.") and isinstance(cfg["optim.kwargs"], dict):
       cfg["optim.kwargs"][key.removeprefix("optim.kwargs.")] = value
     elif key in cfg:
       cfg[key] = value
     else:
       raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(DEFAULTS)}")
+  for key in BOOLEAN_KEYS:
+    cfg[key] = _boolean(key, cfg[key])
+  for key in PATH_KEYS:
+    if cfg[key] is not None:
+      if not isinstance(cfg[key], str) or not cfg[key]:
+        raise ConfigError(f"{key} must be a path or none, got {cfg[key]!r}")
+      cfg[key] = os.path.expanduser(cfg[key])
+  if not isinstance(cfg["optim.kwargs"], dict):
+    raise ConfigError("optim.kwargs must be a mapping such as {\"b1\": 0.9} (or set "
+                      f"optim.kwargs.NAME=VALUE), got {cfg['optim.kwargs']!r}")
   if cfg["model"] not in model_lib.PRESETS:
     raise ConfigError(f"unknown model {cfg['model']!r}; choose one of "
                       f"{', '.join(model_lib.PRESETS)}")
@@ -162,9 +191,20 @@ def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dic
     raise ConfigError("optim.lr must be > 0, got 0")
   if not is_int(cfg["data.prefetch"]) or cfg["data.prefetch"] < 0:
     raise ConfigError(f"data.prefetch must be an integer >= 0, got {cfg['data.prefetch']!r}")
-  for key in ("model.vocab_size", "data.vocab_size"):
-    if cfg[key] is not None and (not is_int(cfg[key]) or cfg[key] < 1):
-      raise ConfigError(f"{key} must be a positive integer or none, got {cfg[key]!r}")
+  for key in ("model.vocab_size", "data.vocab_size", "train.stop_at", "train.device_batch",
+              "distributed.num_processes"):
+    _optional_int(cfg, key, 1)
+  _optional_int(cfg, "distributed.process_id", 0)
+  if not is_int(cfg["train.seed"]) or not 0 <= cfg["train.seed"] < 2 ** 32:
+    raise ConfigError(f"train.seed must be an integer in [0, 2**32), got {cfg['train.seed']!r}")
+  peak = cfg["peak_flops"]
+  if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float))
+                           or not math.isfinite(peak) or peak <= 0):
+    raise ConfigError(f"peak_flops must be a positive number or none, got {peak!r}")
+  if cfg["distributed.coordinator"] is not None and not isinstance(
+      cfg["distributed.coordinator"], str):
+    raise ConfigError("distributed.coordinator must be host:port or none, got "
+                      f"{cfg['distributed.coordinator']!r}")
   if not is_int(cfg["optim.warmup"]) or cfg["optim.warmup"] < 0:
     raise ConfigError(f"optim.warmup must be an integer >= 0, got {cfg['optim.warmup']!r}")
   choices = {"optim.schedule": ("cosine", "constant"), "optim.decay": ("matrices", "all", "none"),
@@ -172,6 +212,8 @@ def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dic
              "optim.hypergrad_grads": ("unclipped", "clipped"),
              "data.sampling": data_lib.SAMPLING}
   for key, allowed in choices.items():
+    if cfg[key] is None and "none" in allowed:  # --set optim.decay=none parses as None
+      cfg[key] = "none"
     if cfg[key] not in allowed:
       raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, "
                         f"got {cfg[key]!r}")

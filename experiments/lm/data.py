@@ -30,6 +30,7 @@ whatever the device count.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -195,6 +196,29 @@ class Split:
     return self.max_id
 
 
+def content_digest(shards, budget: int = 2 ** 26, block: int = 2 ** 16) -> str:
+  """A digest of token arrays that reads at most ``budget`` bytes: each shard's length and its
+  bytes, whole when they fit its share of the budget, else evenly spaced blocks (a resume's data
+  identity: a changed corpus is caught without reading terabytes)."""
+  digest = hashlib.blake2b(digest_size=16)
+  share = max(block, budget // max(len(shards), 1))
+  for shard in shards:
+    raw = np.asarray(shard).reshape(-1).view(np.uint8)
+    digest.update(len(raw).to_bytes(8, "little"))
+    if len(raw) <= share:
+      digest.update(raw)
+    else:
+      for start in np.linspace(0, len(raw) - block, share // block).astype(np.int64):
+        digest.update(raw[start:start + block])
+  return digest.hexdigest()
+
+
+def _identity(fmt: str, path, splits: dict, **extra) -> dict:
+  shards = [s for name in ("train", "val") for s in splits[name].shards]
+  return {"format": fmt, "path": str(pathlib.Path(path).expanduser().resolve()), **extra,
+          "sizes": [int(s.size) for s in shards], "digest": content_digest(shards)}
+
+
 @dataclasses.dataclass
 class TokenData:
   """Train and validation splits, the vocabulary size and the special ids."""
@@ -203,7 +227,7 @@ class TokenData:
   eot_id: int | None
   pad_id: int
   description: str  # for the run's metadata and error messages
-  identity: dict  # what resume compares: path, format, sizes (and checksums where recorded)
+  identity: dict  # what resume compares: format, resolved path, shard sizes, content digest
 
   def check(self, sampling: str, seq_len: int, model_vocab: int):
     """Refuses data that cannot serve this run, before anything is compiled."""
@@ -281,9 +305,7 @@ def _prepared(folder: pathlib.Path) -> TokenData:
           doc_starts.append(np.load(folder / shard["documents_file"], mmap_mode="r"))
       splits[name] = Split(name, shards, doc_starts if len(doc_starts) == len(shards) else None,
                            info["max_id"])
-    identity = {"format": "prepared", "path": str(folder.resolve()),
-                "digests": [s["blake2b"] for n in ("train", "val")
-                            for s in meta["splits"][n]["shards"]]}
+    identity = _identity("prepared", folder, splits, tokenizer=tok["spec"])
     return TokenData(splits, int(tok["vocab_size"]), tok["eot_id"],
                      tok["pad_id"] if tok["pad_id"] is not None else (tok["eot_id"] or 0),
                      f"{folder} ({tok['spec']})", identity)
@@ -332,9 +354,8 @@ def _foreign(folder: pathlib.Path, vocab_size: int | None) -> TokenData:
   vocab = vocab_size or vocab
   for split in splits.values():
     split.eot_id = eot
-  identity = {"format": fmt, "path": str(folder.resolve()),
-              "sizes": [int(s.size) for n in ("train", "val") for s in splits[n].shards]}
-  return TokenData(splits, vocab, eot, eot if eot is not None else 0, f"{folder} ({fmt})", identity)
+  return TokenData(splits, vocab, eot, eot if eot is not None else 0, f"{folder} ({fmt})",
+                   _identity(fmt, folder, splits))
 
 
 def _text(path, spec: str, val_fraction: float) -> TokenData:
@@ -347,11 +368,9 @@ def _text(path, spec: str, val_fraction: float) -> TokenData:
   splits = {"train": Split("train", [tokens[:cut]], [starts[starts < cut]]),
             "val": Split("val", [tokens[cut:]], [np.concatenate(
                 [[0], starts[starts > cut] - cut]).astype(np.int64)])}
-  resolved = pathlib.Path(path).expanduser().resolve()
-  identity = {"format": "text", "path": str(resolved), "tokenizer": spec, "tokens": len(tokens)}
   return TokenData(splits, tokenizer.vocab_size, tokenizer.eot_id,
                    tokenizer.pad_id if tokenizer.pad_id is not None else 0,
-                   f"{path} ({spec})", identity)
+                   f"{path} ({spec})", _identity("text", path, splits, tokenizer=spec))
 
 
 def open_data(path, *, tokenizer: str = "bytes", val_fraction: float = 0.1,

@@ -20,6 +20,7 @@ runs through ``jax.distributed.initialize`` (``--set distributed=true``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,8 +34,8 @@ import numpy as np
 
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
-from experiments.lm.checkpoint import CheckpointError, Checkpoints
-from experiments.lm.config import DEFAULTS, PRESETS, ConfigError, build_config
+from experiments.lm.checkpoint import CheckpointError, Checkpoints, Lock
+from experiments.lm.config import DEFAULTS, PRESETS, ConfigError, build_config, is_int
 from experiments.lm.step import TrainStep, build_train_step, learning_rate_schedule, peak_flops
 
 
@@ -51,50 +52,103 @@ class Diverged(RuntimeError):
 
 
 class StopSignals:
-  """Records SIGINT/SIGTERM instead of dying mid-step; a second signal interrupts at once."""
+  """Records SIGINT/SIGTERM/SIGHUP instead of dying mid-step. A second signal interrupts at once,
+  except during a save (``saving()``), which nothing cuts short: it is said and ignored."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
   def __init__(self):
-    self.received, self._previous = None, {}
+    self.received, self._previous, self._saving = None, {}, False
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
+      for sig in self.SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    if self.received is not None:  # asked twice: stop now
+    if self.received is not None:  # asked twice
+      if self._saving:
+        print(f"{signal.Signals(signum).name} again: a checkpoint is being written; the run stops "
+              "as soon as it is", file=sys.stderr)
+        return
       signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
       signal.raise_signal(signum)
     self.received = signum
+
+  @contextlib.contextmanager
+  def saving(self):
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
-def open_metrics(cfg, resume: bool, start: int):
-  """The JSONL metrics file: a new run refuses an existing one (unless log.overwrite); a resumed
-  run drops the records after the step it resumes from, then appends."""
-  path = cfg["log.metrics"]
-  if not path or jax.process_index() != 0:
-    return None
-  if resume and os.path.exists(path):
-    with open(path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-    with open(path, "w") as f:
-      f.writelines(kept)
-    return open(path, "a")
-  refuse_existing_metrics(cfg, resume)
-  return open(path, "w")
+class MetricsLog:
+  """The run's JSONL metrics (``log.metrics``; process 0 writes it), locked while the run lives.
 
+  A new run refuses an existing file unless ``log.overwrite``. Each record carries the run's id:
+  a resumed run keeps its own records up to the step it resumes from and cuts the rest (a torn
+  last line, from a kill or a full disk, is dropped and said); a file holding another run's
+  records, or a broken line before the last, is refused and left as it was.
+  """
 
-def refuse_existing_metrics(cfg, resume: bool):
-  """A new run does not overwrite a metrics file unless log.overwrite is set."""
-  path = cfg["log.metrics"]
-  if path and not resume and os.path.exists(path) and not cfg["log.overwrite"]:
-    raise ConfigError(f"{path} already exists; choose another log.metrics or set "
-                      "log.overwrite=true (nothing was overwritten)")
+  def __init__(self, cfg, resume: bool):
+    self.path, self.file, self._lock = cfg["log.metrics"], None, None
+    if not self.path or jax.process_index() != 0:
+      return
+    if os.path.isdir(self.path):
+      raise ConfigError(f"log.metrics {self.path} is a directory; give a file path")
+    if not resume and os.path.exists(self.path) and not cfg["log.overwrite"]:
+      raise ConfigError(f"{self.path} already exists; choose another log.metrics or set "
+                        "log.overwrite=true (nothing was overwritten)")
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      self._lock = Lock(self.path, f"log.metrics {self.path}", owner=False)
+    except OSError as e:
+      raise ConfigError(f"log.metrics {self.path} cannot be written ({e.strerror})") from None
+    self.file = self._lock.file
+
+  def start(self, run_id: str, step: int):
+    """Empties the file (a new run: ``step`` 0) or keeps this run's records up to ``step``."""
+    if not self.file:
+      return
+    self.file.seek(0)
+    lines, keep = self.file.read().splitlines(keepends=True) if step else [], None
+    for number, line in enumerate(lines, 1):
+      if number == len(lines) and not line.endswith("\n"):
+        print(f"warning: the last line of {self.path} is torn (a write was cut short); dropped",
+              file=sys.stderr)
+        keep = number - 1 if keep is None else keep
+        break
+      try:
+        record = json.loads(line) if line.strip() else {"run": run_id, "step": 0}
+      except ValueError:
+        raise ConfigError(f"line {number} of {self.path} is not JSON; mend or move the file "
+                          "(nothing was changed)") from None
+      if (not isinstance(record, dict) or record.get("run") != run_id
+          or not is_int(record.get("step"))):
+        other = record.get("run") if isinstance(record, dict) else None
+        raise ConfigError(f"{self.path} holds records of another run (line {number}: run "
+                          f"{other!r}; this run is {run_id!r}); point log.metrics at this run's "
+                          "file or a new path (nothing was changed)")
+      if keep is None and record["step"] > step:
+        keep = number - 1
+    self.file.truncate(len("".join(lines[:keep]).encode()))
+
+  def write(self, record: dict):
+    if self.file:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
+
+  def close(self):
+    if self._lock:
+      self._lock.close()
 
 
 def open_data(cfg) -> data_lib.TokenData:
@@ -149,21 +203,30 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
   sampling, seed = cfg["data.sampling"], cfg["train.seed"]
   bs, seq = cfg["train.batch_size"], cfg["train.seq_len"]
   data.check(sampling, seq, program.model_config.vocab_size)
-  checkpoints = Checkpoints(cfg, resume)
-  refuse_existing_metrics(cfg, resume)  # before any work is done
+  checkpoints = Checkpoints(cfg, resume, data.identity)  # checked, locked: before any work
+  try:
+    log = MetricsLog(cfg, resume)
+  except (ConfigError, CheckpointError):
+    checkpoints.close()
+    raise
 
   def make_batch(step):
     return program.batch(lambda ids: data_lib.train_rows(data, sampling, seed, step, ids, bs, seq))
 
-  with jax.set_mesh(program.mesh), StopSignals() as signals:
+  with jax.set_mesh(program.mesh), StopSignals() as signals, contextlib.ExitStack() as cleanup:
+    cleanup.callback(checkpoints.close)
+    cleanup.callback(log.close)
     state = checkpoints.restore(program.abstract_state) if resume else program.init()
+    for note in checkpoints.notes:
+      print(f"note: resuming with a changed setting: {note}", file=sys.stderr)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     flops_token = model_lib.flops_per_token(program.model_config, n_params, seq)
     flops_peak = peak_flops(cfg) * jax.device_count()
     lr_at = _host_schedule(learning_rate_schedule(cfg))
-    start = int(state["step"])
-    log = open_metrics(cfg, resume, start)
-    stop = min(cfg["train.steps"], cfg["train.stop_at"] or cfg["train.steps"])
+    start, run_id = int(state["step"]), checkpoints.run_id
+    log.start(run_id, start)
+    stop = min(cfg["train.steps"], cfg["train.steps"] if cfg["train.stop_at"] is None
+               else cfg["train.stop_at"])
     progress = range(start, stop)
     if cfg["log.progress"] and jax.process_index() == 0:
       from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -175,7 +238,8 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
     def finish(step, stats) -> dict:
       """The host's side of a step, once its statistics are ready: record, divergence check."""
       nonlocal skips
-      record = {"step": step + 1, "lr": lr_at(step), **{k: float(v) for k, v in stats.items()}}
+      record = {"step": step + 1, "run": run_id, "lr": lr_at(step),
+                **{k: float(v) for k, v in stats.items()}}
       finite = math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
       skips = 0 if finite else skips + 1
       if not finite and (cfg["train.on_nan"] == "stop" or skips > cfg["train.max_skips"]):
@@ -192,9 +256,7 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
       return record
 
     def emit(record):
-      if log:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+      log.write(record)
       if hasattr(progress, "set_postfix"):
         progress.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val:.3f}" if val else "-",
                              refresh=False)
@@ -216,7 +278,8 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
             clock["last"] = time.perf_counter()  # do not count evaluation in the throughput
           emit(record)
           if save:
-            checkpoints.save(state, step + 1)
+            with signals.saving():
+              checkpoints.save(state, step + 1)
         if signals.received:
           name = signal.Signals(signals.received).name
           raise Interrupted(f"{name} at step {step + 1}: stopped after the step. "
@@ -225,9 +288,6 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
                             signals.received)
     finally:
       batches.close()
-      checkpoints.close()
-      if log:
-        log.close()
   tail = history[-10:]
   speeds = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
   return {"optimizer": cfg["optim.name"], "steps": cfg["train.steps"], "params": n_params,
