@@ -229,6 +229,31 @@ def zeros(params: Any, dtype: Any = None) -> Any:
   return optax.tree.zeros_like(params, dtype=dtype)
 
 
+def accumulator_zeros(params: Any) -> Any:
+  """Zeros like ``params`` in at least float32 (whatever ``mu_dtype``), for the buffers with a
+  long memory: second moments, slow EMAs and running averages. Their per-step weight (1 - b2 =
+  1e-3, 1 - b3 = 1e-4, 1/t) is below bfloat16's resolution (2**-8), so in bfloat16 they stop
+  moving (docs/conventions.md, "Low-precision state"). Works on ShapeDtypeStruct."""
+  return jax.tree.map(
+      lambda p: jnp.zeros_like(p, dtype=jnp.promote_types(p.dtype, jnp.float32)), params)
+
+
+def stochastic_round(x: jax.Array, dtype: Any, count: jax.Array, leaf: int) -> jax.Array:
+  """``x`` in ``dtype``; to bfloat16, rounded stochastically (up with probability equal to the
+  dropped fraction), so an iterate whose steps are below bfloat16's resolution still moves by
+  them on average. The random bits are a pure function of (``count``, ``leaf``): no key in the
+  state, the same on any mesh. Other dtypes are rounded to nearest."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return x.astype(dtype)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), count), leaf)
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16  # below bfloat16's 16 kept bits
+  kept = (bits + noise) & jnp.uint32(0xFFFF0000)
+  finite = jnp.isfinite(x)  # NaN/Inf keep their bits (the noise could turn Inf into NaN)
+  rounded = jax.lax.bitcast_convert_type(jnp.where(finite, kept, bits), jnp.float32)
+  return rounded.astype(jnp.bfloat16)
+
+
 def cast_like(new: Any, old: Any) -> Any:
   """Casts each leaf of ``new`` to the dtype of the matching leaf of ``old`` (dtype-stable state)."""
   return jax.tree.map(lambda n, o: n.astype(o.dtype) if n is not None else None, new, old)

@@ -282,7 +282,7 @@ def scale_by_am_adam(
     beta_min: lower clip of beta_t (the Clip variant when > 0).
     restart_threshold: tau of the Restart variant (None: off).
     learning_rate: the schedule, for the factor r of the gap estimate (None: r = 1).
-    mu_dtype: dtype of d and v.
+    mu_dtype: dtype of d (v stays at least float32: docs/conventions.md).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state ``AdaptiveMemoryState``).
@@ -308,7 +308,7 @@ def scale_by_am_adam(
   def init_fn(params):
     return AdaptiveMemoryState(
         count=C.count_init(), beta=_per_group(params, granularity, 0.0), restarts=C.count_init(),
-        d=C.zeros(params, mu_dtype), nu=C.zeros(params, mu_dtype),
+        d=C.zeros(params, mu_dtype), nu=C.accumulator_zeros(params),
         beta_prod=_per_group(params, granularity, 1.0), prev_value=C.scalar(0.0))
 
   def update_fn(updates, state, params=None):
@@ -457,7 +457,7 @@ def am_adamw(
     beta_min: lower clip of beta_t (the Clip variant when > 0).
     restart_threshold: tau of the Restart variant (None: off).
     lr_ratio: use lr_{t-1} / lr_t in the gap estimate when ``learning_rate`` is a schedule.
-    mu_dtype: dtype of d and v.
+    mu_dtype: dtype of d (v stays at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer.

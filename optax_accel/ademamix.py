@@ -176,7 +176,7 @@ def scale_by_ademamix(
     alpha: slow-EMA weight >= 0 (scalar or schedule).
     eps: added to the square root of the second moment.
     eps_root: added inside the square root.
-    mu_dtype: dtype of m1, m2 and v.
+    mu_dtype: dtype of m1 (m2 and v stay at least float32: docs/conventions.md).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -203,7 +203,7 @@ def scale_by_ademamix(
     return ScaleByAdEMAMixState(
         count=C.count_init(), b3=C.recorded_init(b3), alpha=C.recorded_init(alpha),
         m1=C.zeros(params, mu_dtype) if has_m1 else None,
-        m2=C.zeros(params, mu_dtype), nu=C.zeros(params, mu_dtype))
+        m2=C.accumulator_zeros(params), nu=C.accumulator_zeros(params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -260,7 +260,7 @@ def ademamix(
     mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
     alpha_warmup: T: alpha grows linearly from 0 over T steps (the paper: the run length).
     b3_warmup: T: b3 grows from b1 linearly in half-life over T steps.
-    mu_dtype: dtype of m1, m2 and v.
+    mu_dtype: dtype of m1 (m2 and v stay at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer.
@@ -343,7 +343,7 @@ def scale_by_simplified_ademamix(
       ``beta1_warmup``/``min_beta1``).
     b1_start: b1 at count 0 of the warmup.
     bias_correction1: divide by N_t (off by default, as the reference).
-    mu_dtype: dtype of m and v.
+    mu_dtype: dtype of m (v stays at least float32: docs/conventions.md).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -370,7 +370,7 @@ def scale_by_simplified_ademamix(
   def init_fn(params):
     return ScaleBySimplifiedAdEMAMixState(
         count=C.count_init(), b1=C.recorded_init(b1), alpha=C.recorded_init(alpha),
-        momentum_sum=C.scalar(0.0), m=C.zeros(params, mu_dtype), nu=C.zeros(params, mu_dtype))
+        momentum_sum=C.scalar(0.0), m=C.zeros(params, mu_dtype), nu=C.accumulator_zeros(params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -426,7 +426,7 @@ def simplified_ademamix(
     b1_warmup: T: b1 grows from ``b1_start`` linearly in half-life over T steps.
     b1_start: b1 at count 0 of the warmup.
     bias_correction1: divide the numerator by N_t.
-    mu_dtype: dtype of m and v.
+    mu_dtype: dtype of m (v stays at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer.

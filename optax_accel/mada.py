@@ -103,7 +103,7 @@ def scale_by_mada(
     bias_correct_n: divide n by (1 - b3^t) (the code does not).
     hypergradient_buffers: keep g_t - g_{t-1} and gt2_t, all that :func:`mada_hypergradients`
       needs besides the state.
-    mu_dtype: dtype of every buffer.
+    mu_dtype: dtype of the momenta (v and vbar stay at least float32: docs/conventions.md).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state ``ScaleByMadaState``).
@@ -130,7 +130,8 @@ def scale_by_mada(
 
   def init_fn(params):
     zeros = lambda: C.zeros(params, mu_dtype)  # noqa: E731
-    tiny = lambda: jax.tree.map(lambda z: z + jnp.asarray(_V_INIT, z.dtype), zeros())  # noqa
+    tiny = lambda: jax.tree.map(lambda z: z + jnp.asarray(_V_INIT, z.dtype),  # noqa: E731
+                                C.accumulator_zeros(params))
     return ScaleByMadaState(
         count=C.count_init(), mu=zeros(), nu=tiny(), nu_mean=tiny() if has_mean else None,
         adan=zeros() if has_adan else None, prev_grad=zeros() if has_adan else None,
@@ -299,7 +300,7 @@ def scale_by_avgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
     b1: first-moment decay in [0, 1).
     b2: second-moment decay in [0, 1).
     eps: added to the square root.
-    mu_dtype: dtype of m, v and vbar.
+    mu_dtype: dtype of m (v and vbar stay at least float32: docs/conventions.md).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -333,7 +334,7 @@ def avgrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
     eps: added to the square root.
     weight_decay: decoupled weight decay (scaled by the learning rate).
     mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
-    mu_dtype: dtype of m, v and vbar.
+    mu_dtype: dtype of m (v and vbar stay at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer.
@@ -379,7 +380,7 @@ def mada_optimizer(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9, b2: Any
     eps: added to the square root.
     closed_form_hypergradients: keep the two buffers the closed-form hypergradients need and
       return a ``WithHypergradients``.
-    mu_dtype: dtype of every buffer.
+    mu_dtype: dtype of the momenta (v and vbar stay at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer (a ``WithHypergradients`` when ``closed_form_hypergradients``).
@@ -457,7 +458,7 @@ def mada(
     freeze_steps: the coefficients stay fixed for this many steps.
     clip_norm: global-norm clip of the gradient the parameter update sees; the hypergradient
       uses the raw gradient, as the official code (None: no clipping inside).
-    mu_dtype: dtype of every buffer.
+    mu_dtype: dtype of the momenta (v and vbar stay at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer; its state holds a ``HypergradientState`` (``learned/*`` diagnostics).
@@ -522,7 +523,7 @@ def hyperadam(
     mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
     clip_norm: global-norm clip of the gradient the parameter update sees; the hypergradient
       uses the raw gradient, as the official code (None: no clipping inside).
-    mu_dtype: dtype of every buffer.
+    mu_dtype: dtype of the momenta (v and vbar stay at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer; its state holds a ``HypergradientState``.

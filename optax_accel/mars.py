@@ -90,7 +90,8 @@ def scale_by_mars(
     clip_threshold: tau > 0 in c * min(1, tau / ||c||).
     clip_scope: "tensor" (one norm per leaf, the reference code), "global" (the whole tree) or
       "none".
-    mu_dtype: dtype of m, v and the stored previous gradient.
+    mu_dtype: dtype of m and the stored previous gradient (v stays at least float32:
+      docs/conventions.md).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (state ``ScaleByMarsState``).
@@ -120,7 +121,7 @@ def scale_by_mars(
   def init_fn(params):
     return ScaleByMarsState(
         count=C.count_init(), correction_norm=C.scalar(0.0), mu=C.zeros(params, mu_dtype),
-        nu=C.zeros(params, mu_dtype) if use_nu else None, prev_grad=C.zeros(params, mu_dtype))
+        nu=C.accumulator_zeros(params) if use_nu else None, prev_grad=C.zeros(params, mu_dtype))
 
   def update_fn(updates, state, params=None):
     del params
@@ -181,7 +182,8 @@ def mars_adamw(
     clip_threshold: tau > 0 in c * min(1, tau / ||c||).
     clip_scope: "tensor" (one norm per leaf, the reference code), "global" (the whole tree) or
       "none".
-    mu_dtype: dtype of m, v and the stored previous gradient.
+    mu_dtype: dtype of m and the stored previous gradient (v stays at least float32:
+      docs/conventions.md).
 
   Returns:
     The full optimizer.
@@ -228,7 +230,8 @@ def mars_lion(
     clip_threshold: tau > 0 in c * min(1, tau / ||c||).
     clip_scope: "tensor" (one norm per leaf, the reference code), "global" (the whole tree) or
       "none".
-    mu_dtype: dtype of m, v and the stored previous gradient.
+    mu_dtype: dtype of m and the stored previous gradient (v stays at least float32:
+      docs/conventions.md).
 
   Returns:
     The full optimizer.

@@ -84,7 +84,8 @@ def schedule_free_wrapper(
     b1: interpolation coefficient in (0, 1) (scalar or schedule).
     weight_lr_power: p in w_t = t^r max_lr^p.
     r: polynomial averaging power.
-    state_dtype: dtype of z (default: the params' dtype).
+    state_dtype: dtype of z (default: the params' dtype); a 16-bit z is written with
+      stochastic rounding (docs/conventions.md, "Low-precision state").
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``ScheduleFreeState``.
@@ -145,13 +146,16 @@ def schedule_free_wrapper(
     # scalars into three coefficients, or storing gamma_t in the state, makes the TPU compiler
     # stage every operand through VMEM: 1.53x optax.adamw's bytes instead of 1.00x
     # (benchmarks/step_traffic.py; docs/performance.md).
-    def step_leaf(y, z, u):
+    def step_leaf(y, z, u, leaf):
       z_new = z - lr * u
       x_old = (y - (1 - state.b1) * z) / state.b1
       y_new = b1_t * ((1 - ck) * x_old + ck * z_new) + (1 - b1_t) * z_new
+      if jnp.finfo(z.dtype).bits < 32 and z.dtype != y.dtype:  # a 16-bit z: steps below its
+        z_new = C.stochastic_round(z_new, z.dtype, state.count, leaf)  # resolution still count
       return (y_new - y).astype(y.dtype), z_new.astype(z.dtype)
 
-    out = jax.tree.map(step_leaf, params, state.z, direction)
+    leaves = jax.tree.unflatten(jax.tree.structure(params), range(len(jax.tree.leaves(params))))
+    out = jax.tree.map(step_leaf, params, state.z, direction, leaves)
     new_updates = jax.tree.map(lambda _, o: o[0], params, out)
     z = jax.tree.map(lambda _, o: o[1], params, out)
     return new_updates, ScheduleFreeState(
@@ -391,7 +395,7 @@ def schedule_free_ademamix(
     r: polynomial averaging power.
     weight_lr_power: p in the averaging weights max_lr^p.
     mask: a pytree of booleans (or a function of the params) selecting the decayed leaves.
-    state_dtype: dtype of z, m2 and v.
+    state_dtype: dtype of z (m2 and v stay at least float32: docs/conventions.md).
 
   Returns:
     The full optimizer; evaluate at :func:`schedule_free_eval_params`.

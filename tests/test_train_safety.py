@@ -290,6 +290,33 @@ def _flipped_copy(source, destination, position: int, bit: int):
   return copy
 
 
+def test_digests_catch_any_one_word_change_and_do_not_depend_on_the_mesh():
+  """Both digest kinds (xxh3 of the host bytes, the devices' weighted sums) change when one bit
+  of a leaf flips (f32, bf16 and int32 leaves, first, middle and last byte, low and high bit),
+  naming that leaf; and give the same digests for the leaves sharded over 8 devices."""
+  from experiments.lm import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  tree = {"b": np.asarray(rng.standard_normal(24), jax.numpy.bfloat16),
+          "k": np.arange(40, dtype=np.int32), "step": np.int32(7),
+          "w": rng.standard_normal((16, 24)).astype(np.float32)}
+  mesh = jax.make_mesh((8,), ("x",))
+  sharded = {**tree, "w": jax.device_put(tree["w"], jax.NamedSharding(mesh, jax.P("x", None))),
+             "k": jax.device_put(tree["k"], jax.NamedSharding(mesh, jax.P("x")))}
+  for kind in ("xxh3", "sums"):
+    digests = checkpoint_lib.state_digests(tree, kind)
+    assert all(d.startswith(f"{kind}:") for d in digests.values()), digests
+    assert checkpoint_lib.state_digests(sharded, kind) == digests, kind
+    assert checkpoint_lib.first_mismatch(sharded, digests) is None
+    for leaf in ("b", "k", "w"):
+      flat = np.asarray(tree[leaf]).reshape(-1).view(np.uint8)
+      for byte in (0, len(flat) // 2, len(flat) - 1):
+        for bit in (0, 7):
+          flipped = flat.copy()
+          flipped[byte] ^= 1 << bit
+          changed = {**tree, leaf: flipped.view(tree[leaf].dtype).reshape(tree[leaf].shape)}
+          assert checkpoint_lib.first_mismatch(changed, digests) == f"['{leaf}']", (kind, leaf)
+
+
 # ----------------------------------------------------------------------------------------------
 # What a resume accepts.
 
@@ -382,8 +409,8 @@ def test_skip_mode_skips_non_finite_steps_up_to_a_bound(corpus, tmp_path):
     "optim.kwargs.b1=[1,2]", "optim.kwargs=5", "train.on_nan=ignore", "model.remat=all",
     "train.grad_accum=3", "log.overwrite=no", "log.progress=off", "distributed=n",
     "train.seed=-1", "train.seed=1.5", "train.stop_at=0", "train.device_batch=-1",
-    "peak_flops=abc", "peak_flops=-1", "data.path=5", "log.metrics=DIR", "ckpt.dir=FILE",
-    "ckpt.dir=/proc/no/such"])
+    "train.stop_at=abc", "distributed=abc", "peak_flops=abc", "peak_flops=-1", "data.path=5",
+    "log.metrics=5", "log.metrics=DIR", "ckpt.dir=FILE", "ckpt.dir=/proc/no/such"])
 def test_bad_settings_give_one_error_line(corpus, tmp_path, setting, capfd):
   (tmp_path / "file").write_text("")
   setting = setting.replace("DIR", str(tmp_path)).replace("FILE", str(tmp_path / "file"))

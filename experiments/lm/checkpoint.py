@@ -7,12 +7,16 @@ the trajectory (``check_compatible``), verifies every leaf against its digest, a
 the previous checkpoint when one is unreadable or does not match; the bad one is renamed
 ``<step>.unreadable`` or ``<step>.corrupt`` (never deleted) and said on stderr in one line.
 
-Digests (``state_digests``) are computed on the devices, from the values, not the files: for each
-leaf, two sums modulo 2**32 of its bits (as 32-bit words) times odd position-dependent weights.
-Any change confined to one 32-bit word changes both sums (an odd weight is invertible modulo
-2**32), so every single bit flip in the restored values is caught; unrelated changes in several
-words go unseen with a chance of about 2**-64. The sums are exact integer reductions, so they are
-the same on any mesh or number of hosts: a checkpoint saved on a slice verifies on one GPU.
+Digests (``state_digests``) are of the values, not the files, one per leaf. A single-process run
+(every array whole on its host) takes ``xxh3:``, the 64-bit xxHash3 of the leaf's bytes in C order
+(xxHash3 reads some 10 GB/s on one core, so a digest costs a few percent of a save). A multi-host
+run, whose processes hold only their own shards, takes ``sums:``, computed on the devices: two
+sums modulo 2**32 of the leaf's bits (as 32-bit words) times odd position-dependent weights. Any
+change confined to one 32-bit word changes both sums (an odd weight is invertible modulo 2**32),
+so every single bit flip is caught; unrelated changes in several words go unseen with a chance
+of about 2**-64. The sums are exact integer reductions, the same on any mesh or number of hosts.
+Either kind verifies a checkpoint restored on another mesh; an ``xxh3:`` checkpoint restored by
+several processes is said to be unverified (its leaves are whole on no host).
 """
 from __future__ import annotations
 
@@ -110,27 +114,52 @@ def _weights(shape, multiplier: int) -> jax.Array:
 
 
 @jax.jit
-def _finite_and_sums(tree):
-  leaves = jax.tree.leaves(tree)
-  finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves
-                              if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [True]))
+
+
+@jax.jit
+def _device_sums(leaves):
   words = [_words(x) for x in leaves]
-  sums = [jnp.stack([jnp.sum(w * _weights(w.shape, m), dtype=jnp.uint32) for m in _MULTIPLIERS])
+  return [jnp.stack([jnp.sum(w * _weights(w.shape, m), dtype=jnp.uint32) for m in _MULTIPLIERS])
           for w in words]
-  return finite, sums
 
 
-def state_digests(tree) -> tuple[bool, dict[str, str]]:
-  """(every float leaf finite, {leaf path: 16 hex digits}) of a state pytree."""
-  finite, sums = _finite_and_sums(tree)
-  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return bool(finite), {p: "".join(f"{int(v):08x}" for v in np.asarray(s))
-                        for p, s in zip(paths, sums, strict=True)}
+def _host_bytes(x) -> np.ndarray:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def default_digest_kind() -> str:
+  return "xxh3" if jax.process_count() == 1 else "sums"
+
+
+def state_digests(tree, kind: str | None = None) -> dict[str, str]:
+  """{leaf path: "<kind>:<16 hex digits>"} of a state pytree (kind: module docstring; default:
+  ``xxh3`` in a single-process run, else ``sums``)."""
+  kind = kind or default_digest_kind()
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  paths, leaves = [jax.tree_util.keystr(path) for path, _ in flat], [x for _, x in flat]
+  if kind == "xxh3":
+    import xxhash  # pylint: disable=import-outside-toplevel
+    values = [xxhash.xxh3_64_hexdigest(_host_bytes(x)) for x in leaves]
+  elif kind == "sums":
+    values = ["".join(f"{int(v):08x}" for v in np.asarray(s)) for s in _device_sums(leaves)]
+  else:
+    raise ValueError(f"unknown digest kind {kind!r}")
+  return {path: f"{kind}:{value}" for path, value in zip(paths, values, strict=True)}
 
 
 def first_mismatch(tree, digests: dict[str, str]) -> str | None:
-  """The path of the first leaf of ``tree`` whose digest differs from ``digests`` (or is absent)."""
-  _, actual = state_digests(tree)
+  """The path of the first leaf of ``tree`` whose digest differs from ``digests`` (or is absent).
+  Raises LookupError when ``digests`` cannot be checked by this run (``xxh3`` on several hosts)."""
+  kind = next(iter(digests.values()), "xxh3:").split(":")[0]
+  if kind == "xxh3" and jax.process_count() > 1:
+    raise LookupError("digested by one process, restored by several: its leaves are whole on no "
+                      "host")
+  actual = state_digests(tree, kind)
   return next((path for path, value in actual.items() if digests.get(path) != value), None)
 
 
@@ -238,10 +267,13 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         failures.append((step, "unreadable", f"unreadable ({_short(e)})"))
         continue
-      if "digests" not in meta:
-        print(f"warning: checkpoint {step} has no digests (an older save): not verified",
-              file=sys.stderr)
-      elif (leaf := first_mismatch(state, meta["digests"])) is not None:
+      try:
+        leaf = first_mismatch(state, meta["digests"])
+      except (KeyError, LookupError) as e:
+        why = "an older save without digests" if isinstance(e, KeyError) else e.args[0]
+        print(f"warning: checkpoint {step} is not verified ({why})", file=sys.stderr)
+        leaf = None
+      if leaf is not None:
         failures.append((step, "corrupt", f"corrupt (state{leaf} does not match its digest)"))
         continue
       self._set_aside(failures, f"resuming from step {step}")
@@ -277,14 +309,13 @@ class Checkpoints:
     mount) removes its partial folder, keeps every older checkpoint and raises CheckpointError."""
     if not self.manager or self.step == step:
       return
-    finite, digests = state_digests(state)
-    if not finite:
+    if not bool(_all_finite(state)):
       print(f"warning: the state at step {step} is not finite; not saved (checkpoint "
             f"{self.step} kept)", file=sys.stderr)
       return
     ocp = self.ocp
     meta = {"config": self.cfg, "step": step, "run": self.run_id, "data": self.data_identity,
-            "digests": digests}
+            "digests": state_digests(state)}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
