@@ -384,6 +384,17 @@ def test_a_resume_keeps_only_its_own_metrics(corpus, straight, tmp_path, capfd):
   assert records[:STEPS - 10] == _records(straight / "metrics.jsonl")[:STEPS - 10]
 
 
+def test_a_run_that_stops_before_its_first_record_leaves_no_metrics_file(tmp_path):
+  """The metrics file is created (and locked) before the work starts; a run that ends before
+  writing a record removes it again, so the same command can be rerun without log.overwrite."""
+  from experiments.lm import train  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "logs" / "metrics.jsonl"
+  log = train.MetricsLog(config_lib.build_config("tiny", {"log.metrics": str(path)}), False)
+  assert path.exists()
+  log.close()
+  assert not path.exists()
+
+
 def test_divergence_stops_and_keeps_the_last_finite_checkpoint(corpus, tmp_path):
   out = _run(_args(corpus, tmp_path, 40, **{"optim.lr": 1000, "ckpt.interval": 2,
                                             "ckpt.keep": 2}), check_rc=3)

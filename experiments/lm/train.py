@@ -107,6 +107,7 @@ class MetricsLog:
     if not resume and os.path.exists(self.path) and not cfg["log.overwrite"]:
       raise ConfigError(f"{self.path} already exists; choose another log.metrics or set "
                         "log.overwrite=true (nothing was overwritten)")
+    self._created = not os.path.exists(self.path)  # removed at close if nothing was written
     try:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
       self._lock = Lock(self.path, f"log.metrics {self.path}", owner=False)
@@ -148,6 +149,8 @@ class MetricsLog:
 
   def close(self):
     if self._lock:
+      if self._created and os.path.getsize(self.path) == 0:  # a run that stopped before step 1
+        os.remove(self.path)
       self._lock.close()
 
 
