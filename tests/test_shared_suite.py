@@ -99,9 +99,15 @@ def _mixed_pytree():
   return jax.tree.map(jnp.zeros_like, target), loss, target
 
 
-@pytest.mark.parametrize("problem", [_parabola, _rosenbrock, _matrix, _mixed_pytree],
-                         ids=["parabola", "rosenbrock", "matrix", "mixed_pytree"])
-@pytest.mark.parametrize("state_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+# (state dtype, problem): the four problems in bfloat16 state, where precision bites; parabola
+# and Rosenbrock in float32 (the 2x2 and mixed problems add nothing there: CI budget).
+CONVERGENCE_CASES = [(jnp.float32, _parabola), (jnp.float32, _rosenbrock)] + [
+    (jnp.bfloat16, problem) for problem in (_parabola, _rosenbrock, _matrix, _mixed_pytree)]
+
+
+@pytest.mark.parametrize("state_dtype, problem", CONVERGENCE_CASES,
+                         ids=[f"{jnp.dtype(d).name}-{p.__name__.strip('_')}"
+                              for d, p in CONVERGENCE_CASES])
 @pytest.mark.parametrize("name", NAMES)
 def test_convergence(name, state_dtype, problem):
   """optax's convergence problems, 20k steps, in float32 and bfloat16 state (the optimizer's
