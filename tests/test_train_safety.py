@@ -226,7 +226,7 @@ def _largest_file(step_dir):
 
 def test_bit_flips_in_a_checkpoint_are_detected_and_the_previous_one_restored(
     corpus, straight, tmp_path, capfd):
-  """One bit flipped at each of 24 positions of the largest file of the last checkpoint, restored
+  """One bit flipped at each of 16 positions of the largest file of the last checkpoint, restored
   as --resume does (here on 8 devices; saved on 1): no flip goes unseen. A flip that changes a
   restored value is caught by its leaf's digest (`<step>.corrupt`, the leaf named) unless Orbax
   already fails to read the file (`<step>.unreadable`), and the previous checkpoint is restored;
@@ -244,7 +244,7 @@ def test_bit_flips_in_a_checkpoint_are_detected_and_the_previous_one_restored(
   size = _largest_file(straight / "ckpt" / str(STEPS)).stat().st_size
   outcomes = {"corrupt": 0, "unreadable": 0, "unchanged": 0}
   flips = [(position, 1 << (i % 8)) for i, position in
-           enumerate(np.linspace(0, size - 1, 24).astype(int))]
+           enumerate(np.linspace(0, size - 1, 16).astype(int))]
   for i, flip in enumerate(flips):
     copy = _flipped_copy(straight, tmp_path / f"flip{i}", *flip)
     (copy / "ckpt" / f"{STEPS}.corrupt").mkdir()  # an earlier fallback's: the name is taken
@@ -271,7 +271,7 @@ def test_bit_flips_in_a_checkpoint_are_detected_and_the_previous_one_restored(
       corrupting = flip
     outcomes[kind] += 1
   print("bit flips:", outcomes)
-  assert outcomes["corrupt"] >= 12, outcomes  # most flips land in values
+  assert outcomes["corrupt"] >= 8, outcomes  # most flips land in values
 
   run = _flipped_copy(straight, tmp_path / "resumed", *corrupting)
   out = _run(_args(corpus, run) + ["--resume"], check_rc=0)
@@ -351,6 +351,17 @@ def test_a_resume_that_would_change_the_trajectory_is_refused(corpus, straight, 
   key = change.split("=")[0].removeprefix("optim.kwargs.")
   assert code == 2 and lines[-1].startswith("error: checkpoint in") and key in lines[-1], lines
   assert _files(run) == before
+
+
+def test_a_new_run_on_a_folder_with_checkpoints_is_refused(corpus, straight, tmp_path, capfd):
+  """A run without --resume on a ckpt.dir that holds checkpoints is refused in one line (a
+  resume was meant, or another folder), and the folder is left as it was."""
+  run = _copy_run(straight, tmp_path / "run")
+  before = _files(run)
+  code, lines = refused_by_the_cli(_args(corpus, run, **{"log.metrics": tmp_path / "new.jsonl"}),
+                                   capfd)
+  assert code == 2 and "already holds checkpoints; pass --resume" in lines[-1], lines
+  assert _files(run) == before and not (tmp_path / "new.jsonl").exists()
 
 
 def test_a_resume_keeps_only_its_own_metrics(corpus, straight, tmp_path, capfd):
