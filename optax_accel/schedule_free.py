@@ -150,8 +150,8 @@ def schedule_free_wrapper(
       z_new = z - lr * u
       x_old = (y - (1 - state.b1) * z) / state.b1
       y_new = b1_t * ((1 - ck) * x_old + ck * z_new) + (1 - b1_t) * z_new
-      if jnp.finfo(z.dtype).bits < 32 and z.dtype != y.dtype:  # a 16-bit z: steps below its
-        z_new = C.stochastic_round(z_new, z.dtype, state.count, leaf)  # resolution still count
+      if z.dtype != y.dtype:  # a bfloat16 z: steps below its resolution still count
+        z_new = C.stochastic_round(z_new, z.dtype, state.count, leaf)
       return (y_new - y).astype(y.dtype), z_new.astype(z.dtype)
 
     leaves = jax.tree.unflatten(jax.tree.structure(params), range(len(jax.tree.leaves(params))))

@@ -221,7 +221,7 @@ class Checkpoints:
   def __init__(self, cfg, resume: bool, data_identity: dict):
     self.cfg, self.data_identity, self.manager, self.lock = cfg, data_identity, None, None
     self.step, self.time = None, time.monotonic()  # the last saved (or restored) step
-    self.run_id, self.notes = _new_run_id(), []
+    self.run_id, self.notes = None if resume else _new_run_id(), []  # resume: the checkpoint's
     if not cfg["ckpt.dir"]:
       if resume:
         raise CheckpointError("--resume needs ckpt.dir")

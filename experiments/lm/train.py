@@ -127,8 +127,10 @@ class MetricsLog:
               file=sys.stderr)
         keep = number - 1 if keep is None else keep
         break
+      if not line.strip():
+        continue
       try:
-        record = json.loads(line) if line.strip() else {"run": run_id, "step": 0}
+        record = json.loads(line)
       except ValueError:
         raise ConfigError(f"line {number} of {self.path} is not JSON; mend or move the file "
                           "(nothing was changed)") from None
@@ -206,18 +208,13 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
   sampling, seed = cfg["data.sampling"], cfg["train.seed"]
   bs, seq = cfg["train.batch_size"], cfg["train.seq_len"]
   data.check(sampling, seq, program.model_config.vocab_size)
-  checkpoints = Checkpoints(cfg, resume, data.identity)  # checked, locked: before any work
-  try:
-    log = MetricsLog(cfg, resume)
-  except (ConfigError, CheckpointError):
-    checkpoints.close()
-    raise
-
   def make_batch(step):
     return program.batch(lambda ids: data_lib.train_rows(data, sampling, seed, step, ids, bs, seq))
 
   with jax.set_mesh(program.mesh), StopSignals() as signals, contextlib.ExitStack() as cleanup:
+    checkpoints = Checkpoints(cfg, resume, data.identity)  # checked, locked: before any work
     cleanup.callback(checkpoints.close)
+    log = MetricsLog(cfg, resume)
     cleanup.callback(log.close)
     state = checkpoints.restore(program.abstract_state) if resume else program.init()
     for note in checkpoints.notes:
