@@ -110,17 +110,20 @@ def per_chip_bytes(abstract_tree) -> int:
 
 
 def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None = None,
-            compile_step: bool = True) -> dict:
+            compile_step: bool = True, devices=None, chip=None) -> dict:
   """Compiles ``cfg``'s step for ``topology``; returns the figures described in the module doc.
 
   ``baseline``: AdamW's result for the same model, batch and slice; its forward/backward figures
   (which do not depend on the optimizer) are reused. With ``compile_step=False`` the whole step
   is not compiled either: its HBM is estimated as the baseline's plus the difference in per-chip
   optimizer state and in the optimizer step's temporaries (``hbm_source`` says which).
+  ``devices`` and ``chip`` (memory, peak FLOP/s, bandwidth per device): other devices than the
+  topology's, e.g. the GPUs present (``topology`` is then only a label).
   """
-  devices = topology_devices(topology)
+  devices = devices or topology_devices(topology)
   chips = len(devices)
-  hbm_limit, peak, bandwidth = CHIPS[topology.split(":")[0]]
+  hbm_limit, peak, bandwidth = chip or CHIPS[topology.split(":")[0]]
+  counting = devices[0].platform == "tpu"  # the windowed-einsum options are the TPU compiler's
   started = time.perf_counter()
   program = step_lib.build_train_step(cfg, devices)
   opt = optimizer_step_stats(program)
@@ -143,7 +146,7 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
     with jax.set_mesh(micro_program.mesh):
       micro = compile_stats(micro_program.step.lower(micro_program.abstract_state,
                                                      *micro_program.abstract_batch()),
-                            counting=True)
+                            counting=counting)
     microbatch_stats = {"flops": micro["flops"] - opt["flops"],
                         "bytes": micro["bytes"] - opt["bytes"], "temp_bytes": micro["temp_bytes"]}
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state["params"]))
@@ -175,6 +178,7 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
       "optimizer_flops_per_chip": opt["flops"], "optimizer_bytes_per_chip": opt["bytes"],
       "optimizer_copies": opt["copy"],
       "roofline_step_s": step_time, "roofline_optimizer_s": t_opt,
+      "roofline_microbatch_s": t_fwd_bwd,
       "estimated_mfu": accum * ideal_micro / (step_time * peak),
       "collectives": {k: full[k] for k in COLLECTIVES}, "copies": full["copy"],
       "fwd_bwd": fwd_bwd, "compile_s": time.perf_counter() - started,

@@ -16,6 +16,7 @@ from typing import Any
 import optax_accel as oa
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
+from experiments.lm import recipes
 
 
 class ConfigError(ValueError):
@@ -27,6 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "model.compute_dtype": "float32",
     "model.remat": "none",  # "none", "block" or "dots_saveable"
     "model.loss_chunk": None,  # sequence positions per fused output-layer+loss chunk; None: preset's
+    "model.dropout": None,  # rate in training (None: the model preset's, 0 for all of them)
+    "model.bias": None,  # GPT-2's biases (None: the model preset's; LLaMA has none)
+    "model.n_layer": None,  # blocks (None: the model preset's)
     "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
     "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
     "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH
@@ -47,7 +51,9 @@ DEFAULTS: dict[str, Any] = {
     "optim.warmup": 20,
     "optim.min_lr_ratio": 0.1,
     "optim.weight_decay": 0.1,
-    "optim.decay": "matrices",  # "matrices" (not embeddings), "all" or "none"
+    # weight decay on: "matrices" (rank >= 2, not embeddings), "matrices+embeddings" (nanoGPT),
+    # "all" or "none"
+    "optim.decay": "matrices",
     "optim.clip": 1.0,  # global-norm clip, 0: off
     # Learned-hyperparameter optimizers (MADA, HyperAdam): form the hypergradient from the
     # "unclipped" gradient and clip only what the update sees (the official MADA code), or
@@ -58,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "train.max_skips": 10,  # with on_nan=skip: stop after this many consecutive skipped steps
     "eval.interval": 50,
     "eval.tokens": 16_384,  # the fixed validation set: its first tokens (at most the split)
+    # at the end, the loss without dropout over this many random train batches (nanoGPT's
+    # estimate_loss, MADA's metric), "train_eval_loss" in the summary; 0: none
+    "eval.train_batches": 0,
     "ckpt.dir": None,
     "ckpt.interval": 100,  # steps between checkpoints (also at the end, on SIGINT/SIGTERM)
     "ckpt.minutes": 15.0,  # and at least this often in wall time
@@ -100,6 +109,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.steps": 50_000, "train.batch_size": 256, "train.seq_len": 2048, "optim.lr": 4e-4,
         "optim.warmup": 2000, "eval.interval": 1000, "eval.tokens": 2 ** 23,
         "train.grad_accum": "auto", "train.device_batch": 1, "mesh.fsdp": -1},
+    # The papers' recipes (experiments/lm/recipes.py: sources and deviations).
+    **{name: recipe.config for name, recipe in recipes.RECIPES.items()},
 }
 
 
@@ -121,6 +132,7 @@ def is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+DECAY_MODES = ("matrices", "matrices+embeddings", "all", "none")  # step.decay_mask
 BOOLEAN_KEYS = ("log.overwrite", "log.progress", "distributed")
 PATH_KEYS = ("data.path", "ckpt.dir", "log.metrics")  # "~" is expanded
 
@@ -189,9 +201,10 @@ def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dic
       raise ConfigError(f"{key} must be a finite number {bounds}, got {value!r}")
   if cfg["optim.lr"] == 0:
     raise ConfigError("optim.lr must be > 0, got 0")
-  if not is_int(cfg["data.prefetch"]) or cfg["data.prefetch"] < 0:
-    raise ConfigError(f"data.prefetch must be an integer >= 0, got {cfg['data.prefetch']!r}")
-  for key in ("model.vocab_size", "data.vocab_size", "train.stop_at", "train.device_batch",
+  for key in ("data.prefetch", "eval.train_batches"):
+    if not is_int(cfg[key]) or cfg[key] < 0:
+      raise ConfigError(f"{key} must be an integer >= 0, got {cfg[key]!r}")
+  for key in ("model.vocab_size", "model.n_layer", "data.vocab_size", "train.stop_at", "train.device_batch",
               "distributed.num_processes"):
     _optional_int(cfg, key, 1)
   _optional_int(cfg, "distributed.process_id", 0)
@@ -207,7 +220,7 @@ def build_config(preset: str, overrides: list[str] | dict[str, Any] = ()) -> dic
                       f"{cfg['distributed.coordinator']!r}")
   if not is_int(cfg["optim.warmup"]) or cfg["optim.warmup"] < 0:
     raise ConfigError(f"optim.warmup must be an integer >= 0, got {cfg['optim.warmup']!r}")
-  choices = {"optim.schedule": ("cosine", "constant"), "optim.decay": ("matrices", "all", "none"),
+  choices = {"optim.schedule": ("cosine", "constant"), "optim.decay": DECAY_MODES,
              "train.on_nan": ("stop", "skip"), "model.remat": tuple(model_lib.REMAT_POLICIES),
              "optim.hypergrad_grads": ("unclipped", "clipped"),
              "data.sampling": data_lib.SAMPLING}
@@ -225,8 +238,9 @@ def model_config(cfg) -> model_lib.ModelConfig:
   changes = {"compute_dtype": cfg["model.compute_dtype"], "remat": cfg["model.remat"]}
   if cfg["model.vocab_size"] is not None:
     changes["vocab_size"] = cfg["model.vocab_size"]
-  if cfg["model.loss_chunk"] is not None:
-    changes["loss_chunk"] = cfg["model.loss_chunk"]
+  for key in ("loss_chunk", "dropout", "bias", "n_layer"):
+    if cfg[f"model.{key}"] is not None:
+      changes[key] = cfg[f"model.{key}"]
   try:
     mc = dataclasses.replace(base, **changes)
   except ValueError as e:

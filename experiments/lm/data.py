@@ -135,7 +135,7 @@ def with_separator(tokenizer, ids: np.ndarray, *, first: bool) -> np.ndarray:
   if tokenizer.eot_id is not None:
     return np.append(np.asarray(ids, dtype), np.asarray(tokenizer.eot_id, dtype))
   return np.asarray(ids, dtype) if first else np.concatenate(
-      [np.frombuffer(b"\n", np.uint8).astype(dtype), np.asarray(ids, dtype)])
+      [np.asarray(tokenizer.encode("\n"), dtype), np.asarray(ids, dtype)])
 
 
 def token_dtype(vocab_size: int):
@@ -359,11 +359,14 @@ def _foreign(folder: pathlib.Path, vocab_size: int | None) -> TokenData:
 
 
 def _text(path, spec: str, val_fraction: float) -> TokenData:
-  tokenizer = tokenization.get_tokenizer(spec)
   if not 0 < val_fraction < 1:
     raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-  tokens, starts = join_documents((encode(tokenizer, d) for d in text_documents(path)),
-                                  tokenizer)
+  documents = text_documents(path)
+  if spec == "chars":  # the corpus's own alphabet (with the newline that joins documents)
+    texts = [d.decode("utf-8", errors="replace") for d in documents]
+    spec = "chars:" + "".join(sorted(set("".join(texts)) | ({"\n"} if len(texts) > 1 else set())))
+  tokenizer = tokenization.get_tokenizer(spec)
+  tokens, starts = join_documents((encode(tokenizer, d) for d in documents), tokenizer)
   cut = int(len(tokens) * (1 - val_fraction))
   splits = {"train": Split("train", [tokens[:cut]], [starts[starts < cut]]),
             "val": Split("val", [tokens[cut:]], [np.concatenate(

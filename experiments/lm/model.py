@@ -1,9 +1,13 @@
 """GPT-2 and LLaMA decoder-only language models in Flax NNX, with size presets.
 
-GPT-2 (nanoGPT's model): learned positions, pre-LayerNorm blocks, GELU MLP (4d), biases, output
-layer tied to the token embedding. LLaMA: RMSNorm, rotary position embeddings, SwiGLU MLP, no
-biases, untied output layer. Both are built from the same parts (attention, norms, MLPs) and read
-top to bottom in their ``__call__``.
+GPT-2 (nanoGPT's model): learned positions, pre-LayerNorm blocks, GELU MLP (4d), biases (or
+none: ``bias=False``, nanoGPT's option), output layer tied to the token embedding. LLaMA: RMSNorm,
+rotary position embeddings, SwiGLU MLP, no biases, untied output layer. Both are built from the
+same parts (attention, norms, MLPs) and read top to bottom in their ``__call__``.
+
+Dropout (``dropout`` > 0, nanoGPT's four places: the input embedding, the attention weights, and
+the output of each attention and MLP before it joins the residual stream) applies only when the
+loss is given a ``dropout_key``: training passes one per step and microbatch, evaluation none.
 
 Scale features, all numerically neutral:
 
@@ -47,10 +51,19 @@ class ModelConfig:
   rope_base: float = 10_000.0
   remat: str = "none"
   loss_chunk: int = 0  # sequence positions per fused output-layer + loss chunk; 0: whole
+  bias: bool | None = None  # linear and LayerNorm biases; None: the arch's (GPT-2 yes, LLaMA no)
+  dropout: float = 0.0  # rate in [0, 1), in training only
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
       raise ValueError(f"model arch must be 'gpt2' or 'llama', got {self.arch!r}")
+    if self.bias not in (None, True, False):
+      raise ValueError(f"model bias must be true, false or none, got {self.bias!r}")
+    if self.arch == "llama" and self.bias:
+      raise ValueError("model bias: LLaMA has no biases")
+    if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+        or not 0 <= self.dropout < 1):
+      raise ValueError(f"model dropout must be a rate in [0, 1), got {self.dropout!r}")
     if self.d_model % self.n_head:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
     if self.remat not in REMAT_POLICIES:
@@ -62,6 +75,10 @@ class ModelConfig:
     except TypeError:
       raise ValueError(f"model compute_dtype must be a dtype name such as 'float32' or "
                        f"'bfloat16', got {self.compute_dtype!r}") from None
+
+  @property
+  def has_bias(self) -> bool:
+    return self.arch == "gpt2" if self.bias is None else self.bias
 
   @property
   def padded_vocab(self) -> int:
@@ -79,6 +96,9 @@ PRESETS = {
     "gpt2-124m": ModelConfig("gpt2", 50257, 12, 12, 768, 1024, loss_chunk=256),
     "llama-60m": ModelConfig("llama", 32000, 8, 8, 512, 256, d_ff=1376),
     "llama-100m": ModelConfig("llama", 32000, 12, 10, 640, 256, d_ff=1708),
+    # 150M (Morwani et al.'s nominal size; their shape is not published): 12 x 768, the
+    # vocabulary of the 60M/100M models, the SwiGLU width that makes the count 150M.
+    "llama-150m": ModelConfig("llama", 32000, 12, 12, 768, 512, d_ff=2624),
     # TinyLlama-1.1B's shape (22 layers, 2048 wide, SwiGLU 5632), full multi-head attention.
     "llama-1b": ModelConfig("llama", 32000, 22, 32, 2048, 2048, d_ff=5632, loss_chunk=512),
 }
@@ -118,53 +138,86 @@ def rope(x, base):
   return out.astype(x.dtype)
 
 
+def dropout(x, rate: float, key):
+  """Inverted dropout: zero with probability ``rate`` and rescale the rest (no key: identity)."""
+  if key is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attention_with_dropout(q, k, v, rate: float, key):
+  """Causal softmax attention with dropout on the attention weights (nanoGPT's); (batch, seq,
+  heads, head_dim) in and out. The weights are materialised: for training small models only."""
+  t = q.shape[1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits / q.shape[-1] ** 0.5, -jnp.inf)
+  weights = dropout(jax.nn.softmax(logits, axis=-1), rate, key)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal attention; ``rope_base`` set: rotary positions on q and k."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, bias: bool, rope_base=None):
-    self.n_head, self.rope_base = cfg.n_head, rope_base
-    self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=bias)
-    self.proj = dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=bias, std=residual_std(cfg))
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, rope_base=None):
+    self.n_head, self.rope_base, self.dropout = cfg.n_head, rope_base, cfg.dropout
+    self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=cfg.has_bias)
+    self.proj = dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=cfg.has_bias,
+                      std=residual_std(cfg))
 
-  def __call__(self, x):
+  def __call__(self, x, key=None):
     b, t, d = x.shape
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head), 2, 0)
     if self.rope_base is not None:
       q, k = rope(q, self.rope_base), rope(k, self.rope_base)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return self.proj(out.reshape(b, t, d))
+    if key is not None and self.dropout:
+      weights_key, key = jax.random.split(key)
+      out = attention_with_dropout(q, k, v, self.dropout, weights_key)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return dropout(self.proj(out.reshape(b, t, d)), self.dropout, key)
 
 
 class GeluMLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.fc = dense(cfg, cfg.d_model, 4 * cfg.d_model, rngs, bias=True)
-    self.proj = dense(cfg, 4 * cfg.d_model, cfg.d_model, rngs, bias=True, std=residual_std(cfg))
+    self.dropout = cfg.dropout
+    self.fc = dense(cfg, cfg.d_model, 4 * cfg.d_model, rngs, bias=cfg.has_bias)
+    self.proj = dense(cfg, 4 * cfg.d_model, cfg.d_model, rngs, bias=cfg.has_bias,
+                      std=residual_std(cfg))
 
-  def __call__(self, x):
-    return self.proj(jax.nn.gelu(self.fc(x)))
+  def __call__(self, x, key=None):
+    return dropout(self.proj(jax.nn.gelu(self.fc(x))), self.dropout, key)
 
 
 class SwiGLU(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.dropout = cfg.dropout
     self.gate = dense(cfg, cfg.d_model, cfg.d_ff, rngs, bias=False)
     self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs, bias=False)
     self.proj = dense(cfg, cfg.d_ff, cfg.d_model, rngs, bias=False, std=residual_std(cfg))
 
-  def __call__(self, x):
-    return self.proj(jax.nn.silu(self.gate(x)) * self.up(x))
+  def __call__(self, x, key=None):
+    return dropout(self.proj(jax.nn.silu(self.gate(x)) * self.up(x)), self.dropout, key)
 
 
-def run_blocks(blocks, x, remat: str):
-  """x through every block, each output pinned to the batch sharding, rematerialised if asked."""
-  def apply(block, x):
-    return constrain_batch(block(x))
+def run_blocks(blocks, x, remat: str, key=None):
+  """x through every block, each output pinned to the batch sharding, rematerialised if asked;
+  ``key``: dropout on, one key per block."""
+  def apply(block, x, key):
+    return constrain_batch(block(x, key))
   if remat != "none":
     apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
-  for block in blocks:
-    x = apply(block, x)
+  keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
+  for block, block_key in zip(blocks, keys):
+    x = apply(block, x, block_key)
   return x
+
+
+def split_dropout_key(key):
+  """Two keys from one ((input embedding, blocks) or (attention, MLP)), or Nones: no dropout."""
+  return (None, None) if key is None else tuple(jax.random.split(key))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -225,15 +278,16 @@ class DecoderLM(nnx.Module):
   cfg: ModelConfig
 
   def __call__(self, tokens):
-    """Token ids (batch, seq) -> logits (batch, seq, vocab_size), float32."""
+    """Token ids (batch, seq) -> logits (batch, seq, vocab_size), float32 (no dropout)."""
     h, w = self.features(tokens)
     logits = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
     return logits[..., :self.cfg.vocab_size]
 
-  def loss(self, tokens, targets, scale=None):
+  def loss(self, tokens, targets, scale=None, dropout_key=None):
     """Next-token cross-entropy through the fused chunked output layer: the mean over positions
-    (``scale=None``), or ``scale`` x the sum over targets >= 0 (padded batches)."""
-    h, w = self.features(tokens)
+    (``scale=None``), or ``scale`` x the sum over targets >= 0 (padded batches). With a
+    ``dropout_key`` (training), dropout at the model's rate."""
+    h, w = self.features(tokens, dropout_key)
     return softmax_cross_entropy(h, w, targets, scale, self.cfg.vocab_size, self.cfg.loss_chunk)
 
 
@@ -244,14 +298,15 @@ class DecoderLM(nnx.Module):
 class GPT2Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.ln_1 = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
-    self.attn = CausalSelfAttention(cfg, rngs, bias=True)
-    self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
+    self.ln_1 = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, use_bias=cfg.has_bias, rngs=rngs)
+    self.attn = CausalSelfAttention(cfg, rngs)
+    self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, use_bias=cfg.has_bias, rngs=rngs)
     self.mlp = GeluMLP(cfg, rngs)
 
-  def __call__(self, x):
-    x = x + self.attn(self.ln_1(x))
-    return x + self.mlp(self.ln_2(x))
+  def __call__(self, x, key=None):
+    attn_key, mlp_key = split_dropout_key(key)
+    x = x + self.attn(self.ln_1(x), attn_key)
+    return x + self.mlp(self.ln_2(x), mlp_key)
 
 
 class GPT2(DecoderLM):
@@ -263,13 +318,14 @@ class GPT2(DecoderLM):
     self.positions = nnx.Embed(cfg.context, cfg.d_model,
                                embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
     self.blocks = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.n_layer)])
-    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, use_bias=cfg.has_bias, rngs=rngs)
 
-  def features(self, tokens):
+  def features(self, tokens, dropout_key=None):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab), tied to the embedding."""
+    embed_key, blocks_key = split_dropout_key(dropout_key)
     x = self.embed(tokens) + self.positions(jnp.arange(tokens.shape[1]))[None]
-    x = constrain_batch(x.astype(self.cfg.dtype))
-    x = run_blocks(self.blocks, x, self.cfg.remat)
+    x = constrain_batch(dropout(x.astype(self.cfg.dtype), self.cfg.dropout, embed_key))
+    x = run_blocks(self.blocks, x, self.cfg.remat, blocks_key)
     return self.ln_f(x), self.embed.embedding[...].T
 
 
@@ -281,13 +337,14 @@ class LlamaBlock(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.attn_norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
-    self.attn = CausalSelfAttention(cfg, rngs, bias=False, rope_base=cfg.rope_base)
+    self.attn = CausalSelfAttention(cfg, rngs, rope_base=cfg.rope_base)
     self.mlp_norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
     self.mlp = SwiGLU(cfg, rngs)
 
-  def __call__(self, x):
-    x = x + self.attn(self.attn_norm(x))
-    return x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x, key=None):
+    attn_key, mlp_key = split_dropout_key(key)
+    x = x + self.attn(self.attn_norm(x), attn_key)
+    return x + self.mlp(self.mlp_norm(x), mlp_key)
 
 
 class Llama(DecoderLM):
@@ -300,10 +357,11 @@ class Llama(DecoderLM):
     self.norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
     self.head = dense(cfg, cfg.d_model, cfg.padded_vocab, rngs, bias=False)
 
-  def features(self, tokens):
+  def features(self, tokens, dropout_key=None):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab)."""
-    x = constrain_batch(self.embed(tokens).astype(self.cfg.dtype))
-    x = run_blocks(self.blocks, x, self.cfg.remat)
+    embed_key, blocks_key = split_dropout_key(dropout_key)
+    x = dropout(self.embed(tokens).astype(self.cfg.dtype), self.cfg.dropout, embed_key)
+    x = run_blocks(self.blocks, constrain_batch(x), self.cfg.remat, blocks_key)
     return self.norm(x), self.head.kernel[...]
 
 

