@@ -40,6 +40,7 @@ def probe(config, topology, overrides):
                        for sharding in jax.tree.leaves(state_out["params"]))
   return {
       "flops": compiled.cost_analysis()["flops"],
+      "bytes": compiled.cost_analysis()["bytes accessed"],
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
       "replicated_batch_values": replicated[:10], "mismatched_state": mismatched,
       "sharded_params": sharded_params, "opt_state_leaves": len(jax.tree.leaves(state_out)),

@@ -499,7 +499,8 @@ def run_preset(name: str, scale: str, out: str | None = None, data_path: str | N
     raw.append({"run": p.run.label, "optimizer": p.run.optimizer, "batch": p.batch,
                 "seed": p.seed, "lr": p.run.lr, "steps": p.steps,
                 "final train loss": done["train_loss"], "final val loss": done["val_loss"],
-                "tokens/s": done["tokens_per_s"], "paper": p.run.paper})
+                "tokens/s": done["tokens_per_s"],  # the paper's number as printed there
+                "paper": None if p.run.paper is None else str(p.run.paper)})
     print(f"{key}, seed {p.seed}: train {done['train_loss']:.4f}, val {done['val_loss']:.4f}",
           file=sys.stderr)
   rows = _aggregate(raw)

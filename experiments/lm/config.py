@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "model.dropout": None,  # rate in training (None: the model preset's, 0 for all of them)
     "model.bias": None,  # GPT-2's biases (None: the model preset's; LLaMA has none)
     "model.n_layer": None,  # blocks (None: the model preset's)
+    "model.attention": None,  # "xla" or "splash" (Pallas TPU kernel); None: the preset's (xla)
     "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
     "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
     "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH
@@ -238,13 +239,16 @@ def model_config(cfg) -> model_lib.ModelConfig:
   changes = {"compute_dtype": cfg["model.compute_dtype"], "remat": cfg["model.remat"]}
   if cfg["model.vocab_size"] is not None:
     changes["vocab_size"] = cfg["model.vocab_size"]
-  for key in ("loss_chunk", "dropout", "bias", "n_layer"):
+  for key in ("loss_chunk", "dropout", "bias", "n_layer", "attention"):
     if cfg[f"model.{key}"] is not None:
       changes[key] = cfg[f"model.{key}"]
   try:
     mc = dataclasses.replace(base, **changes)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if mc.attention == "splash" and cfg["train.seq_len"] % model_lib.SPLASH_BLOCK:
+    raise ConfigError(f"model.attention=splash needs train.seq_len a multiple of "
+                      f"{model_lib.SPLASH_BLOCK}, got {cfg['train.seq_len']}")
   if cfg["train.seq_len"] > mc.context:
     raise ConfigError(f"train.seq_len {cfg['train.seq_len']} exceeds the model context "
                       f"{mc.context}")

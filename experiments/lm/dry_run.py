@@ -197,5 +197,7 @@ def write(rows: list[dict], path: str, title: str) -> str:
       "for this program), wall_h_at_40pct_mfu the model's FLOPs at 40% MFU (the usual rule of "
       "thumb; optimistic where the roofline MFU, estimated_mfu, is lower); memory_gib per "
       "device (for assumed devices: parameters, gradients and state only)",
-      f"whole comparison (every run and seed): {totals['wall_h_roofline']:.1f} h at the "
-      f"roofline, {totals['wall_h_at_40pct_mfu']:.1f} h at 40% MFU"])
+      "whole comparison (every run and seed): " + (
+          f"{totals['wall_h_roofline']:.1f} h at the roofline, " if any(
+              r.get("wall_h_roofline") for r in rows) else "")
+      + f"{totals['wall_h_at_40pct_mfu']:.1f} h at 40% MFU"])

@@ -36,6 +36,8 @@ BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over
 REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
 VOCAB_MULTIPLE = 128
+ATTENTION = ("xla", "splash")
+SPLASH_BLOCK = 128  # the splash kernel's block along the sequence (seq_len a multiple of it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ModelConfig:
   loss_chunk: int = 0  # sequence positions per fused output-layer + loss chunk; 0: whole
   bias: bool | None = None  # linear and LayerNorm biases; None: the arch's (GPT-2 yes, LLaMA no)
   dropout: float = 0.0  # rate in [0, 1), in training only
+  attention: str = "xla"  # "xla" (jax.nn.dot_product_attention) or "splash" (Pallas TPU kernel)
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
@@ -64,6 +67,12 @@ class ModelConfig:
     if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
         or not 0 <= self.dropout < 1):
       raise ValueError(f"model dropout must be a rate in [0, 1), got {self.dropout!r}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"model attention must be one of {', '.join(ATTENTION)}, got "
+                       f"{self.attention!r}")
+    if self.attention == "splash" and self.dropout:
+      raise ValueError("model attention 'splash' has no dropout on the attention weights; use "
+                       "attention 'xla' with dropout")
     if self.d_model % self.n_head:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
     if self.remat not in REMAT_POLICIES:
@@ -156,11 +165,42 @@ def attention_with_dropout(q, k, v, rate: float, key):
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
+def splash_attention(q, k, v):
+  """Causal attention through JAX's Pallas splash-attention kernel; (batch, seq, heads,
+  head_dim) in and out. The T x T scores are never written to memory: the kernel keeps one block
+  of them on chip at a time (and recomputes them in the backward pass). Under a mesh the kernel
+  runs per device on its rows of the batch (``shard_map``); off TPU it runs in Pallas's
+  interpret mode (for tests: same numbers, slow)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  _, t, h, d = q.shape
+  if t % SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs a sequence length that is a multiple of "
+                     f"{SPLASH_BLOCK}, got {t}")
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  platform = device.platform if device is not None else jax.default_backend()
+  kernel = kernels.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((t, t))] * h),
+                                   head_shards=1, q_seq_shards=1, interpret=platform != "tpu")
+
+  def per_device(q, k, v):  # the kernel takes (heads, seq, head_dim), queries pre-scaled
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    out = jax.vmap(kernel)(heads_first(q) * d ** -0.5, heads_first(k), heads_first(v))
+    return heads_first(out)
+
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if axes:
+    per_device = jax.shard_map(per_device, in_specs=(jax.P(axes),) * 3, out_specs=jax.P(axes),
+                               check_vma=False)
+  return per_device(q, k, v)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal attention; ``rope_base`` set: rotary positions on q and k."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, rope_base=None):
     self.n_head, self.rope_base, self.dropout = cfg.n_head, rope_base, cfg.dropout
+    self.attention = cfg.attention
     self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=cfg.has_bias)
     self.proj = dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=cfg.has_bias,
                       std=residual_std(cfg))
@@ -173,6 +213,8 @@ class CausalSelfAttention(nnx.Module):
     if key is not None and self.dropout:
       weights_key, key = jax.random.split(key)
       out = attention_with_dropout(q, k, v, self.dropout, weights_key)
+    elif self.attention == "splash":
+      out = splash_attention(q, k, v)
     else:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return dropout(self.proj(out.reshape(b, t, d)), self.dropout, key)

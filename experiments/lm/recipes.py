@@ -80,6 +80,8 @@ RECIPES = {
             "user points data.path at it; the recipe's vocabulary of 65 refuses any other text",
             "the vocabulary is padded to 128 rows (masked out of softmax and loss): +24k "
             "parameters, 0.2%",
+            "validation loss over the whole val split (nanoGPT: 200 random batches); the grid's "
+            "metric, the train-split estimate, is nanoGPT's (200 random batches, no dropout)",
         ),
         params=(10.745e6, "nanoGPT's shakespeare_char model with vocabulary 65, position table "
                 "included (nanoGPT prints 10.65M without it; the paper's '~10.7M')"),
