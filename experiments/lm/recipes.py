@@ -3,8 +3,9 @@
 Each :class:`Recipe` is a preset of :mod:`experiments.lm.config` (``--config NAME`` in
 ``experiments.lm.train``, ``--preset NAME`` in ``experiments.lm.compare``), a one-line
 source, every deliberate or unavoidable difference from that source, the reference parameter
-count, and the TPU slice its step is compiled for in the tests and by ``compare --dry-run``.
-docs/reproductions.md gives the commands from an empty machine, and the expected time.
+count and the token count. ``COMPARISONS`` names the compare presets that run them; their dry
+runs (``compare --dry-run``) are committed in results/scale/recipes/. docs/reproductions.md gives
+the commands from an empty machine, and the expected time.
 """
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ class Recipe:
   source: str  # one line: paper, table, official code
   deviations: tuple[str, ...]  # every known difference from the source
   params: tuple[float, str]  # the reference parameter count and where it comes from
-  topology: str  # the TPU slice the tests and --dry-run compile the step for
-  tokens: str = ""  # the training tokens, as the source states them
+  tokens: str  # the training tokens, as the source states them
+
+
+# The compare presets that run the recipes (experiments.lm.compare); their dry runs on a v5e-16
+# (v5e:4x4) are committed in results/scale/recipes/ and checked by the tests.
+COMPARISONS = ("mada-gpt2-owt", "mada-shakespeare-char", "am-llama-60m-c4", "am-llama-100m-c4",
+               "accel-150m-c4")
 
 
 _NANOGPT_DEVIATIONS = (
@@ -61,7 +67,7 @@ RECIPES = {
         ),
         params=(124.37e6, "nanoGPT GPT-2 small, bias=False, vocabulary 50304 (123.59M without "
                 "the position table, as nanoGPT prints it; the paper's '124M')"),
-        topology="v5e:4x4", tokens="100k steps x 480 x 1024 = 49.2B (the paper's '~492B' is a "
+        tokens="100k steps x 480 x 1024 = 49.2B (the paper's '~492B' is a "
                                    "typo)"),
     "mada-shakespeare-char": Recipe(
         config={
@@ -85,7 +91,7 @@ RECIPES = {
         ),
         params=(10.745e6, "nanoGPT's shakespeare_char model with vocabulary 65, position table "
                 "included (nanoGPT prints 10.65M without it; the paper's '~10.7M')"),
-        topology="v5e:2x2", tokens="5000 steps x 64 x 256 = 82M characters (about 82 epochs)"),
+        tokens="5000 steps x 64 x 256 = 82M characters (about 82 epochs)"),
 }
 
 # Adaptive Memory (Topollai & Choromanska 2025, Table 6): the paper's code is not released; the
@@ -116,7 +122,7 @@ for _size, _count in (("60m", 58.07e6), ("100m", 99.99e6)):
              f"{_size.upper()} on C4-en, 1B tokens; GaLore's LLaMA configs and training loop",
       deviations=_AM_DEVIATIONS,
       params=(_count, f"GaLore's configs/llama_{_size}.json (vocabulary 32000, untied)"),
-      topology="v5e:2x2", tokens="7630 steps x 512 x 256 = 1.0B")
+      tokens="7630 steps x 512 x 256 = 1.0B")
 
 # Morwani et al. 2025: a 150M model at 32k and 1M tokens per step, up to 15B tokens; codebase,
 # data, shape and sequence length are not published. The same group's earlier optimizer study
@@ -142,5 +148,4 @@ for _name, _batch, _steps in (("32k", 64, 100_000), ("1m", 2048, 3125)):
              f"{_name.upper()} tokens per step; setup of Zhao et al. 2024 (not published)",
       deviations=_ACCEL_DEVIATIONS,
       params=(150e6, "the paper's nominal '150m' (shape not published)"),
-      topology="v5e:2x2" if _batch == 64 else "v5e:4x4",
       tokens=f"{_steps} steps x {_batch} x 512 = {_steps * _batch * 512 / 1e9:.2f}B")
