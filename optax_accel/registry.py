@@ -73,7 +73,6 @@ def _validated(factory: Callable[..., optax.GradientTransformation], betas=(),
 
 _adamw = _validated(optax.adamw, ("b1", "b2"), ("eps", "eps_root", "weight_decay"))
 _lion = _validated(optax.lion, ("b1", "b2"), ("weight_decay",))
-_adan = _validated(optax.adan, ("b1", "b2", "b3"), ("eps", "eps_root", "weight_decay"))
 
 
 @functools.partial(_validated, betas=("momentum",))
@@ -110,7 +109,6 @@ _REGISTRY: dict[str, OptimizerSpec] = _specs(
     OptimizerSpec("adamw", _adamw),
     OptimizerSpec("sgd", _sgd, "accumulator_dtype"),
     OptimizerSpec("lion", _lion),
-    OptimizerSpec("adan", _adan, state_dtype_arg=None),  # MADA's Table 2 baseline
     OptimizerSpec("accelerated_sgd", accelerated_sgd),
     OptimizerSpec("accsgd", accsgd),
     OptimizerSpec("mass_sgd", mass_sgd),

@@ -21,7 +21,7 @@ import optax_accel as oa
 from optax_accel import _common as C
 
 NAMES = oa.list_optimizers()
-OPTAX_OWN = {"adamw", "sgd", "lion", "adan"}  # optax's aliases: not ours to validate
+OPTAX_OWN = {"adamw", "sgd", "lion"}  # optax's aliases: not ours to validate
 
 # Learning rates for the convergence check (parabola and Rosenbrock, 20k steps).
 # Chosen from a scan over {1e-1, 3e-2, ..., 1e-4}; each passes both problems.

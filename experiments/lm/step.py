@@ -17,7 +17,7 @@ import optax
 
 import optax_accel as oa
 from experiments.lm import model as model_lib
-from experiments.lm.config import ConfigError, is_int, model_config
+from experiments.lm.config import BASELINE_OPTIMIZERS, ConfigError, is_int, model_config
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
               "TPU v5": 197e12}
@@ -27,9 +27,14 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
 # Optimizer.
 
 
+def optimizer_spec(name: str) -> oa.OptimizerSpec:
+  """The registry's spec, or a baseline's (config.BASELINE_OPTIMIZERS)."""
+  return BASELINE_OPTIMIZERS[name] if name in BASELINE_OPTIMIZERS else oa.get_spec(name)
+
+
 def learning_rate_schedule(cfg) -> optax.Schedule:
   peak, warmup, steps = cfg["optim.lr"], cfg["optim.warmup"], cfg["train.steps"]
-  if cfg["optim.schedule"] == "constant" or oa.get_spec(cfg["optim.name"]).owns_warmup:
+  if cfg["optim.schedule"] == "constant" or optimizer_spec(cfg["optim.name"]).owns_warmup:
     return optax.warmup_constant_schedule(0.0, peak, max(warmup, 1)) if warmup else (
         optax.constant_schedule(peak))
   return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(steps, warmup + 1),
@@ -51,7 +56,7 @@ def decay_mask(params, mode: str):
 def make_optimizer(cfg, params) -> optax.GradientTransformation:
   """The registry optimizer with the run's schedule, decay mask and clipping."""
   name = cfg["optim.name"]
-  spec = oa.get_spec(name)
+  spec = optimizer_spec(name)
   kwargs = dict(cfg["optim.kwargs"])
   schedule = learning_rate_schedule(cfg)
   if spec.owns_warmup:  # e.g. Schedule-Free: the warmup is the optimizer's own
@@ -67,7 +72,7 @@ def make_optimizer(cfg, params) -> optax.GradientTransformation:
   if spec.takes_mask and cfg["optim.decay"] in ("matrices", "matrices+embeddings"):
     kwargs.setdefault("mask", decay_mask(params, cfg["optim.decay"]))
   try:
-    opt = oa.get_optimizer(name, schedule, **kwargs)
+    opt = spec.factory(schedule, **kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"optimizer {name!r}: {e}") from None
   if cfg["optim.clip"] and not clip_inside:
