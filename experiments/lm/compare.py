@@ -155,17 +155,18 @@ MADA_TABLE2 = {"Adam": 2.8956, "Adan": 2.8896, "HyperAdam": 2.8950, "Lion": 2.88
 def _mada_owt_runs(scale, steps):
   """Table 2's six optimizers with the official code's settings (experiments/lm/recipes.py)."""
   del scale, steps
-  hyper = {"hyper_lr": dict(recipes.MADA_OWT_HYPER_LR), "freeze_steps": 50}
+  hyper_lr, frozen = recipes.MADA_OWT_HYPER_LR, {"freeze_steps": 50}
   paper = MADA_TABLE2
   return [Run("Adam", "adamw", 6e-4, paper=paper["Adam"]),
           Run("Adan", "adan", 6e-4, {"b1": 0.98, "b2": 0.92, "b3": 0.99}, paper=paper["Adan"]),
-          Run("HyperAdam", "hyperadam", 6e-4, {"hyper_lr": {k: hyper["hyper_lr"][k]
-                                                             for k in ("b1", "b2")},
-                                                "freeze_steps": 50}, paper=paper["HyperAdam"]),
+          Run("HyperAdam", "hyperadam", 6e-4,
+              {"hyper_lr": {k: hyper_lr[k] for k in ("b1", "b2")}, **frozen},
+              paper=paper["HyperAdam"]),
           Run("Lion", "lion", 1.5e-4, {"b1": 0.9, "b2": 0.99}, paper=paper["Lion"],
               overrides={"optim.kwargs": {}}),  # Lion has no eps
           Run("AVGrad", "avgrad", 6e-4, paper=paper["AVGrad"]),
-          Run("MADA", "mada", 6e-4, {"b3": 0.9, "rho": 0.0, **hyper}, paper=paper["MADA"])]
+          Run("MADA", "mada", 6e-4, {"b3": 0.9, "rho": 0.0, "hyper_lr": dict(hyper_lr), **frozen},
+              paper=paper["MADA"])]
 
 
 # The full MADA Fig. 8 grid of the official grid_search.py: 25 x 11 = 275 points per method.
