@@ -106,12 +106,11 @@ def _ideal_step_flops(cfg: dict) -> tuple[float, int]:
   return model_lib.flops_per_token(mc, n_params, cfg["train.seq_len"]) * tokens, n_params
 
 
-def _assumed(cfg: dict, device: str, count: int) -> dict:
-  """Analytic estimates for ``count`` GPUs of kind ``device`` (nothing compiled); float32 models
-  at the TF32 peak."""
+def _assumed(cfg: dict, device: str, count: int, step_flops: float, n_params: int) -> dict:
+  """Analytic estimates for ``count`` GPUs of kind ``device`` (nothing compiled) from the step's
+  ideal FLOPs; float32 models at the TF32 peak."""
   memory, bf16_peak, _, tf32_peak = GPUS[device]
   peak = tf32_peak if cfg["model.compute_dtype"] == "float32" else bf16_peak
-  step_flops, n_params = _ideal_step_flops(cfg)
   step_s = step_flops / (count * peak * ASSUMED_MFU)
   program = step_lib.build_train_step(cfg, jax.devices("cpu")[:1])
   state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize
@@ -156,7 +155,7 @@ def dry_run(preset_config: str, planned: list, *, topology: str | None = None,
   rows, baselines = [], {}
   for (optimizer, batch), runs in sorted(groups.items(), key=lambda g: (g[0][1], g[0][0] != "adamw")):
     cfg = config_lib.build_config(preset_config, {**runs[0].settings, "data.path": None})
-    step_flops, _ = _ideal_step_flops(cfg)
+    step_flops, n_params = _ideal_step_flops(cfg)
     row = {"optimizer": optimizer, "runs": len(runs),
            "labels": _labels(runs), "batch": batch,
            "steps": cfg["train.steps"],
@@ -164,7 +163,7 @@ def dry_run(preset_config: str, planned: list, *, topology: str | None = None,
            "step_pflop": step_flops / 1e15}
     try:
       if assume:
-        row.update(_assumed(cfg, device, int(count)))
+        row.update(_assumed(cfg, device, int(count), step_flops, n_params))
       else:
         figures = compiled_figures(cfg, label, devices, chip, baselines.get(batch), cache_dir)
         if optimizer == "adamw" or batch not in baselines:

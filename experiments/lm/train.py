@@ -173,36 +173,35 @@ def _host_schedule(schedule):
   return at
 
 
+def _mean_token_loss(program: TrainStep, state, batches) -> float:
+  """The per-token mean of the loss over ``batches``, each a ``rows(ids)`` function of one
+  evaluation batch (``program.eval_batch``); every batch is dispatched before any is read."""
+  sums = [program.eval_sums(state, *program.eval_batch(rows)) for rows in batches]
+  total, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
+  return total / max(count, 1)
+
+
 def validation_loss(program: TrainStep, data: data_lib.TokenData, state) -> float:
   """Mean per-token loss over the fixed validation set (the same rows on every topology; rows
   padding the last batch carry no loss)."""
-  cfg, micro = program.cfg, program.micro_batch
+  cfg = program.cfg
   sampling, seq = cfg["data.sampling"], cfg["train.seq_len"]
   n_rows = data_lib.eval_windows(data, sampling, seq, cfg["eval.tokens"])
-  sums = []
-  for first in range(0, n_rows, micro):
-    inputs, targets = program.eval_batch(
-        lambda ids, first=first: data_lib.eval_rows(data, sampling, seq, n_rows, ids + first))
-    sums.append(program.eval_sums(state, inputs, targets))
-  total, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
-  return total / max(count, 1)
+  return _mean_token_loss(program, state, (
+      lambda ids, first=first: data_lib.eval_rows(data, sampling, seq, n_rows, ids + first)
+      for first in range(0, n_rows, program.micro_batch)))
 
 
 def train_split_loss(program: TrainStep, data: data_lib.TokenData, state) -> float:
   """nanoGPT's ``estimate_loss`` on the train split: the mean loss, without dropout, over
   ``eval.train_batches`` random training batches of a stream no training step draws (seed
   ``train.seed + 2**32``)."""
-  cfg, micro = program.cfg, program.micro_batch
+  cfg = program.cfg
   sampling, seq, bs = cfg["data.sampling"], cfg["train.seq_len"], cfg["train.batch_size"]
-  sums = []
-  for batch in range(cfg["eval.train_batches"]):
-    for first in range(0, bs, micro):
-      inputs, targets = program.eval_batch(lambda ids, batch=batch, first=first: (
-          data_lib.train_rows(data, sampling, cfg["train.seed"] + 2 ** 32, batch, ids + first,
-                              bs, seq)))
-      sums.append(program.eval_sums(state, inputs, targets))
-  total, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
-  return total / max(count, 1)
+  return _mean_token_loss(program, state, (
+      lambda ids, batch=batch, first=first: data_lib.train_rows(
+          data, sampling, cfg["train.seed"] + 2 ** 32, batch, ids + first, bs, seq)
+      for batch in range(cfg["eval.train_batches"]) for first in range(0, bs, program.micro_batch)))
 
 
 def train(cfg: dict, *, resume: bool = False, program: TrainStep | None = None) -> dict:
