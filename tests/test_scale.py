@@ -119,7 +119,7 @@ def test_microbatches_equal_one_large_batch(corpus):
 
 def test_rematerialisation_changes_nothing(corpus):
   plain = _train(corpus)
-  for remat in ("block", "dots_saveable"):
+  for remat in ("block", "full", "dots_saveable"):
     _assert_same(plain, _train(corpus, **{"model.remat": remat}), what=f"model.remat={remat}")
 
 

@@ -1,4 +1,4 @@
-"""Compiles a training step for TPU topologies without a TPU; prints JSON (run by test_scale.py).
+"""Compiles a training step for TPU topologies without a TPU; prints JSON (test_scale, test_attention).
 
     python tests/tpu_probe.py CONFIG TOPOLOGY[,TOPOLOGY ...] [KEY=VALUE ...]
 
@@ -36,11 +36,14 @@ def probe(config, topology, overrides):
       jax.tree.leaves(program.abstract_state["opt_state"]),
       jax.tree.leaves(state_out["opt_state"]))
       if leaf.shape in by_shape and sharding.spec not in by_shape[leaf.shape]]
+  # T x T float32 values outside fusions (attention scores kept in memory in f32)
+  unfused = "\n".join(c for c in hlo.split("\n\n") if not c.lstrip().startswith("%fused"))
+  f32_scores = len(re.findall(rf"= f32\[[\d,]*{seq},{seq}\]", unfused))
   sharded_params = sum(any(s is not None for s in sharding.spec)
                        for sharding in jax.tree.leaves(state_out["params"]))
   return {
       "flops": compiled.cost_analysis()["flops"],
-      "bytes": compiled.cost_analysis()["bytes accessed"],
+      "bytes": compiled.cost_analysis()["bytes accessed"], "f32_scores": f32_scores,
       "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
       "replicated_batch_values": replicated[:10], "mismatched_state": mismatched,
       "sharded_params": sharded_params, "opt_state_leaves": len(jax.tree.leaves(state_out)),

@@ -44,6 +44,8 @@ GIB = 2 ** 30
 # Per chip: usable HBM (bytes), peak bf16 FLOP/s, HBM bandwidth (bytes/s); public spec sheets.
 CHIPS = {"v5e": (15.75 * GIB, 197e12, 819e9), "v4": (32 * GIB, 275e12, 1228e9),
          "v5p": (95 * GIB, 459e12, 2765e9), "v6e": (32 * GIB, 918e12, 1640e9)}
+# The attention path of cells compiled before model.attention existed: stale, to be recompiled.
+STALE_ATTENTION = "jax.nn (stale: before issue 25)"
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MATRIX = {"configs": ("gpt2-124m", "llama-1b", "shakespeare-char", "llama-60m"),
           "topologies": ("v5e:4x4", "v5e:8x8", "v5e:2x2", "v4:2x2x4"),
@@ -105,13 +107,16 @@ def optimizer_step_stats(program: step_lib.TrainStep) -> dict:
   return compile_stats(lowered)
 
 
-def kernel_flops(mc: model_lib.ModelConfig, tokens: int, seq_len: int, chips: int) -> float:
-  """Per-chip FLOPs of the attention kernels, which the cost analysis does not see inside a
-  Pallas call: 12 L d T per token (QK^T and PV, forward and backward), 16 L d T when the blocks
-  are rematerialised (the forward again). Zero for the XLA path (counted by the compiler)."""
-  if mc.attention == "xla":
+def kernel_flops(mc: model_lib.ModelConfig, tokens: int, seq_len: int, chips: int,
+                 platform: str = "tpu") -> float:
+  """Per-chip FLOPs of a training step's fused attention kernels on ``platform``, which the cost
+  analysis does not see inside a Pallas or cuDNN call: 12 L d T per token (QK^T and PV, forward
+  and backward; remat "block" keeps the kernel's output, so it does not run again), 16 L d T
+  under remat "full" or "dots_saveable" (the forward kernel again). Zero for the XLA path (the
+  compiler counts it)."""
+  if model_lib.attention_implementation(mc, seq_len, platform, dropout=True) == "xla":
     return 0.0
-  per_token = (16 if mc.remat != "none" else 12) * mc.n_layer * mc.d_model * seq_len
+  per_token = (12 if mc.remat in ("none", "block") else 16) * mc.n_layer * mc.d_model * seq_len
   return per_token * tokens / chips
 
 
@@ -158,9 +163,11 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
       micro = compile_stats(micro_program.step.lower(micro_program.abstract_state,
                                                      *micro_program.abstract_batch()),
                             counting=counting)
-    microbatch_stats = {"flops": micro["flops"] - opt["flops"] + kernel_flops(
-        program.model_config, program.micro_batch * cfg["train.seq_len"], cfg["train.seq_len"],
-        chips), "bytes": micro["bytes"] - opt["bytes"], "temp_bytes": micro["temp_bytes"]}
+    kernel = kernel_flops(program.model_config, program.micro_batch * cfg["train.seq_len"],
+                          cfg["train.seq_len"], chips, devices[0].platform)
+    microbatch_stats = {"flops": micro["flops"] - opt["flops"] + kernel, "kernel_flops": kernel,
+                        "bytes": micro["bytes"] - opt["bytes"], "temp_bytes": micro["temp_bytes"],
+                        "hbm_bytes": micro["hbm_bytes"]}
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(program.abstract_state["params"]))
   tokens = program.micro_batch * cfg["train.seq_len"]
   ideal_micro = model_lib.flops_per_token(program.model_config, n_params,
@@ -177,6 +184,8 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
       "optimizer": cfg["optim.name"], "params": n_params,
       "global_batch": cfg["train.batch_size"], "seq_len": cfg["train.seq_len"],
       "grad_accum": accum, "microbatch": program.micro_batch, "remat": cfg["model.remat"],
+      "attention": model_lib.attention_implementation(
+          program.model_config, cfg["train.seq_len"], devices[0].platform, dropout=True),
       "hbm_gib": full["hbm_bytes"] / GIB, "hbm_limit_gib": hbm_limit / GIB,
       "fits": full["hbm_bytes"] <= hbm_limit, "temp_gib": full["temp_bytes"] / GIB,
       "hbm_source": full["source"],
@@ -197,13 +206,15 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
   }
 
 
-ROW_COLUMNS = ("config", "topology", "optimizer", "global_batch", "grad_accum", "remat", "fits",
+ROW_COLUMNS = ("config", "topology", "optimizer", "global_batch", "grad_accum", "remat",
+               "attention", "fits",
                "hbm_gib", "hbm_source", "temp_gib", "flops_efficiency", "estimated_mfu", "roofline_step_s",
                "optimizer_share")
 
 
 def row(result: dict) -> dict:
   out = {k: result.get(k) for k in ROW_COLUMNS}
+  out["attention"] = result.get("attention", STALE_ATTENTION)
   out["optimizer_share"] = result["roofline_optimizer_s"] / result["roofline_step_s"]
   return out
 
@@ -269,7 +280,12 @@ def matrix_table(out_dir: str):
       "global batch: the preset's (paper) batch, rounded up to a multiple of chips x "
       "train.device_batch where the slice does not divide it; grad_accum from the preset",
       "flops_efficiency = (6N + 12 L d T) x microbatch tokens / chips over compiled per-chip "
-      "FLOPs of one microbatch step (grad_accum=1, no loop)",
+      "FLOPs of one microbatch step (grad_accum=1, no loop), plus the attention kernel's FLOPs "
+      "counted analytically where the step runs one (the cost analysis cannot see them)",
+      "attention: the path the step compiled to (model.attention=auto: 'splash', the Pallas "
+      f"kernel, on TPU). Rows marked {STALE_ATTENTION!r} were compiled before model.attention "
+      "existed (jax.nn.dot_product_attention, f32 scores) and are not today's step: delete their "
+      "JSON and rerun --matrix to recompile them",
       "added_*_share / step_overhead_vs_adamw: the optimizer's extra compiled bytes/FLOPs/"
       "roofline time over AdamW's whole step, same preset and slice"])
 

@@ -28,12 +28,12 @@ class ConfigError(ValueError):
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "model.compute_dtype": "float32",
-    "model.remat": "none",  # "none", "block" or "dots_saveable"
+    "model.remat": "none",  # "none", "block", "full" or "dots_saveable" (model.py)
     "model.loss_chunk": None,  # sequence positions per fused output-layer+loss chunk; None: preset's
     "model.dropout": None,  # rate in training (None: the model preset's, 0 for all of them)
     "model.bias": None,  # GPT-2's biases (None: the model preset's; LLaMA has none)
     "model.n_layer": None,  # blocks (None: the model preset's)
-    "model.attention": None,  # "xla" or "splash" (Pallas TPU kernel); None: the preset's (xla)
+    "model.attention": None,  # "auto", "xla", "splash" (TPU kernel), "cudnn"; None: auto
     "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
     "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
     "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH

@@ -15,8 +15,12 @@ Scale features, all numerically neutral:
   the embedding and output layer shard evenly; padded logits are masked out of softmax and loss;
 - activations are constrained to the batch sharding over the mesh axes ``("data", "fsdp")`` at
   every block boundary when such a mesh is active, so the compiler never replicates the batch;
-- ``remat``: "none", "block" (keep only each block's input) or "dots_saveable" (keep matmul
-  outputs, recompute the elementwise rest);
+- ``remat``: "none", "block" (keep each block's input and, where a fused kernel runs, the
+  attention output and its softmax statistics), "full" (keep only each block's input) or
+  "dots_saveable" (keep matmul outputs, recompute the elementwise rest);
+- ``attention``: "auto" (default) runs the fused kernel of the platform (TPU: Pallas splash
+  attention, from 512 tokens; GPU: cuDNN flash attention, in half precision) and XLA elsewhere,
+  where the T x T scores live in the compute dtype, never f32 (:func:`xla_attention`);
 - :func:`softmax_cross_entropy` fuses the output layer with the loss and forms the logits'
   gradient in the forward pass, ``loss_chunk`` sequence positions at a time, so the f32 logits
   of a whole microbatch are never alive at once (and nothing is recomputed).
@@ -33,11 +37,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over
-REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+# The primitives of splash's and cuDNN's forward kernels (the cuDNN one as traced, and inside).
+ATTENTION_KERNELS = ("pallas_call", "dot_product_attention_fwd_wrapper",
+                     "dot_product_attention_fwd")
+
+
+def save_attention_kernels(prim, *_, **__) -> bool:
+  """Remat policy: keep only the fused attention kernels' outputs (the attention output and its
+  softmax statistics, O(T) per head), so the backward pass does not run the forward kernel again."""
+  return prim.name in ATTENTION_KERNELS
+
+
+REMAT_POLICIES = {"none": None, "block": save_attention_kernels,
+                  "full": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
 VOCAB_MULTIPLE = 128
-ATTENTION = ("xla", "splash")
+ATTENTION = ("auto", "xla", "splash", "cudnn")
 SPLASH_BLOCK = 128  # the splash kernel's block along the sequence (seq_len a multiple of it)
+# Below this many tokens "auto" keeps the XLA path on TPU: compiled for v5e-16, the kernel's step
+# moved more bytes than XLA's at 256 tokens (LLaMA-60M/100M, GPT-2 6 x 384) and fewer from 512 on
+# (results/scale/recipes/).
+SPLASH_MIN_SEQ = 512
+CUDNN_DTYPES = ("bfloat16", "float16")  # cuDNN's flash attention takes half precision only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +76,7 @@ class ModelConfig:
   loss_chunk: int = 0  # sequence positions per fused output-layer + loss chunk; 0: whole
   bias: bool | None = None  # linear and LayerNorm biases; None: the arch's (GPT-2 yes, LLaMA no)
   dropout: float = 0.0  # rate in [0, 1), in training only
-  attention: str = "xla"  # "xla" (jax.nn.dot_product_attention) or "splash" (Pallas TPU kernel)
+  attention: str = "auto"  # "auto", "xla", "splash" (Pallas TPU kernel), "cudnn" (GPU kernel)
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
@@ -70,9 +91,12 @@ class ModelConfig:
     if self.attention not in ATTENTION:
       raise ValueError(f"model attention must be one of {', '.join(ATTENTION)}, got "
                        f"{self.attention!r}")
-    if self.attention == "splash" and self.dropout:
-      raise ValueError("model attention 'splash' has no dropout on the attention weights; use "
-                       "attention 'xla' with dropout")
+    if self.attention in ("splash", "cudnn") and self.dropout:
+      raise ValueError(f"model attention {self.attention!r} has no dropout on the attention "
+                       "weights; use attention 'xla' or 'auto' with dropout")
+    if self.attention == "cudnn" and self.compute_dtype not in CUDNN_DTYPES:
+      raise ValueError(f"model attention 'cudnn' needs compute_dtype in {CUDNN_DTYPES}, got "
+                       f"{self.compute_dtype!r}")
     if self.d_model % self.n_head:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
     if self.remat not in REMAT_POLICIES:
@@ -126,6 +150,15 @@ def constrain_batch(x):
   return jax.lax.with_sharding_constraint(x, jax.P(axes, *([None] * (x.ndim - 1))))
 
 
+def constrain_vocab(w):
+  """Pins a (d, vocab) array to the output layer's FSDP sharding (vocabulary over 'fsdp'), if
+  such a mesh is active: its gradient is then reduce-scattered, never all-reduced whole."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if "fsdp" not in mesh.axis_names or w.shape[1] % mesh.shape["fsdp"]:
+    return w
+  return jax.lax.with_sharding_constraint(w, jax.P(None, "fsdp"))
+
+
 def dense(cfg, n_in, n_out, rngs, *, bias, std=0.02):
   return nnx.Linear(n_in, n_out, use_bias=bias, dtype=cfg.dtype,
                     kernel_init=nnx.initializers.normal(std), rngs=rngs)
@@ -155,14 +188,64 @@ def dropout(x, rate: float, key):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def attention_with_dropout(q, k, v, rate: float, key):
-  """Causal softmax attention with dropout on the attention weights (nanoGPT's); (batch, seq,
-  heads, head_dim) in and out. The weights are materialised: for training small models only."""
-  t = q.shape[1]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits / q.shape[-1] ** 0.5, -jnp.inf)
-  weights = dropout(jax.nn.softmax(logits, axis=-1), rate, key)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+def attention_implementation(cfg: ModelConfig, seq_len: int, platform: str, *,
+                             dropout: bool = False) -> str:
+  """What ``cfg.attention`` runs on ``platform`` ("tpu", "gpu", "cpu"): "auto" is the fused
+  kernel where one exists and is faster (TPU: splash, for sequences of at least
+  ``SPLASH_MIN_SEQ`` tokens in whole kernel blocks; GPU: cuDNN, in half precision) and XLA
+  elsewhere. ``dropout``: the step draws dropout masks (training at a
+  rate > 0), which only the XLA path applies to the attention weights."""
+  if cfg.attention != "auto":
+    return cfg.attention
+  if dropout and cfg.dropout:
+    return "xla"
+  if platform == "tpu" and seq_len >= SPLASH_MIN_SEQ and seq_len % SPLASH_BLOCK == 0:
+    return "splash"
+  if platform == "gpu" and cfg.compute_dtype in CUDNN_DTYPES:
+    return "cudnn"
+  return "xla"
+
+
+def current_platform() -> str:
+  """The platform of the active mesh's devices (real or a TPU topology's), else the default."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+@jax.custom_vjp
+def stored_softmax(logits):
+  """Softmax over the last axis computed in float32 and returned in ``logits``' dtype; the
+  backward pass needs only that output, so only it (in the compute dtype) is kept."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _stored_softmax_fwd(logits):
+  weights = stored_softmax(logits)
+  return weights, weights
+
+
+def _stored_softmax_bwd(weights, g):
+  w, g = weights.astype(jnp.float32), g.astype(jnp.float32)
+  return ((w * (g - jnp.sum(g * w, axis=-1, keepdims=True))).astype(weights.dtype),)
+
+
+stored_softmax.defvjp(_stored_softmax_fwd, _stored_softmax_bwd)
+
+
+def xla_attention(q, k, v, dropout_rate: float = 0.0, key=None):
+  """Causal softmax attention written out for XLA; (batch, seq, heads, head_dim) in and out.
+
+  The T x T scores and weights are formed in the compute dtype (the matmuls accumulate in f32;
+  softmax runs in f32 and is stored in the compute dtype), so in bf16 they take half the memory
+  and traffic of an f32 softmax (``jax.nn.dot_product_attention``'s XLA path). ``key``: dropout
+  on the attention weights at ``dropout_rate`` (nanoGPT's).
+  """
+  t, d = q.shape[1], q.shape[-1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(d ** -0.5, q.dtype), k)
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
+  weights = dropout(stored_softmax(logits), dropout_rate, key)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def splash_attention(q, k, v):
@@ -177,18 +260,16 @@ def splash_attention(q, k, v):
   if t % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs a sequence length that is a multiple of "
                      f"{SPLASH_BLOCK}, got {t}")
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  platform = device.platform if device is not None else jax.default_backend()
   kernel = kernels.make_splash_mha(masks.MultiHeadMask([masks.CausalMask((t, t))] * h),
-                                   head_shards=1, q_seq_shards=1, interpret=platform != "tpu")
+                                   head_shards=1, q_seq_shards=1,
+                                   interpret=current_platform() != "tpu")
 
   def per_device(q, k, v):  # the kernel takes (heads, seq, head_dim), queries pre-scaled
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
     out = jax.vmap(kernel)(heads_first(q) * d ** -0.5, heads_first(k), heads_first(v))
     return heads_first(out)
 
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  axes = tuple(a for a in BATCH_AXES if a in jax.sharding.get_abstract_mesh().axis_names)
   if axes:
     per_device = jax.shard_map(per_device, in_specs=(jax.P(axes),) * 3, out_specs=jax.P(axes),
                                check_vma=False)
@@ -200,7 +281,7 @@ class CausalSelfAttention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, rope_base=None):
     self.n_head, self.rope_base, self.dropout = cfg.n_head, rope_base, cfg.dropout
-    self.attention = cfg.attention
+    self.cfg = cfg
     self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=cfg.has_bias)
     self.proj = dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=cfg.has_bias,
                       std=residual_std(cfg))
@@ -210,13 +291,17 @@ class CausalSelfAttention(nnx.Module):
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head), 2, 0)
     if self.rope_base is not None:
       q, k = rope(q, self.rope_base), rope(k, self.rope_base)
-    if key is not None and self.dropout:
-      weights_key, key = jax.random.split(key)
-      out = attention_with_dropout(q, k, v, self.dropout, weights_key)
-    elif self.attention == "splash":
+    implementation = attention_implementation(self.cfg, t, current_platform(),
+                                              dropout=key is not None)
+    if implementation == "splash":
       out = splash_attention(q, k, v)
+    elif implementation == "cudnn":
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    elif key is not None and self.dropout:
+      weights_key, key = jax.random.split(key)
+      out = xla_attention(q, k, v, self.dropout, weights_key)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = xla_attention(q, k, v)
     return dropout(self.proj(out.reshape(b, t, d)), self.dropout, key)
 
 
@@ -282,7 +367,8 @@ def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
   chunk = chunk or t
   w_c = w.astype(h.dtype)
   vocab_ids = jnp.arange(w.shape[1])
-  total, grad_h, grad_w = jnp.zeros([], jnp.float32), [], jnp.zeros(w.shape, jnp.float32)
+  total, grad_h = jnp.zeros([], jnp.float32), []
+  grad_w = constrain_vocab(jnp.zeros(w.shape, jnp.float32))
   for start in range(0, t, chunk):
     h_c, y_c = h[:, start:start + chunk], targets[:, start:start + chunk]
     logits = jnp.einsum("btd,dv->btv", h_c, w_c, preferred_element_type=jnp.float32)
@@ -298,7 +384,8 @@ def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
     total += jnp.sum(token_loss)
     d_logits = ((jnp.exp(logits - log_z) - one_hot) * weight).astype(h.dtype)
     grad_h.append(constrain_batch(jnp.einsum("btv,dv->btd", d_logits, w_c)))
-    grad_w += jnp.einsum("btd,btv->dv", h_c, d_logits, preferred_element_type=jnp.float32)
+    grad_w += constrain_vocab(jnp.einsum("btd,btv->dv", h_c, d_logits,
+                                         preferred_element_type=jnp.float32))
   grad_h = jnp.concatenate(grad_h, axis=1) if len(grad_h) > 1 else grad_h[0]
   total = total * (1.0 / (b * t) if scale is None else scale)
   return total, (grad_h, grad_w.astype(w.dtype), scale)
