@@ -28,10 +28,12 @@ compiling again (the committed ones are those docs/reproductions.md quotes).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 
 import jax
@@ -62,11 +64,28 @@ def _present_chip(devices):
   return 16 * GIB, cores * 2.5e9 * 32 / len(devices), 40e9
 
 
+# A Pallas (Mosaic) kernel's serialized body in the lowered text, base64.
+_KERNEL_BODY = re.compile(r"(\\22body\\22: \\22)([A-Za-z0-9+/=]+)")
+
+
+def _portable(text: str) -> str:
+  """The lowered program without where JAX is installed: a Pallas kernel's serialized body names
+  its source file by absolute path, so each body is replaced by a digest of it with that prefix
+  removed, and the same program digests alike in any checkout and virtual environment."""
+  root = os.path.dirname(os.path.dirname(jax.__file__)).encode()
+
+  def strip(match):
+    body = base64.b64decode(match.group(2) + "=" * (-len(match.group(2)) % 4))
+    return match.group(1) + hashlib.sha256(body.replace(root, b"")).hexdigest()
+  return _KERNEL_BODY.sub(strip, text)
+
+
 def _cache_key(cfg: dict, devices, label: str) -> str:
   program = step_lib.build_train_step(cfg, devices)
   with jax.set_mesh(program.mesh):
     text = program.step.lower(program.abstract_state, *program.abstract_batch()).as_text()
-  return hashlib.sha256("\n".join([label, jax.__version__, text]).encode()).hexdigest()[:16]
+  return hashlib.sha256("\n".join([label, jax.__version__, _portable(text)]).encode()
+                        ).hexdigest()[:16]
 
 
 def compiled_figures(cfg: dict, label: str, devices, chip, baseline: dict | None,
