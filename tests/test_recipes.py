@@ -238,3 +238,20 @@ def test_each_recipe_is_the_program_whose_compile_is_committed_and_its_dry_run_a
       assert row["wall_h_roofline"] == pytest.approx(wall, rel=1e-12)
       assert cfg["train.steps"] * figures["roofline_step_s"] / 3600 < wall
   assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in committed.glob("*.json"))
+
+
+def test_program_digests_do_not_depend_on_where_jax_is_installed(monkeypatch):
+  """A Pallas kernel's serialized body (base64 in the lowered text) names its source file by
+  absolute path; two installs of the same program must digest alike, other programs not."""
+  import base64  # pylint: disable=import-outside-toplevel
+
+  def lowered(prefix, op="dot"):
+    body = f"MLIR {prefix}/jax/experimental/pallas/ops/tpu/kernel.py {op}".encode()
+    return ('custom_call @tpu_custom_call {backend_config = "{\\22custom_call_config\\22: '
+            '{\\22body\\22: \\22' + base64.b64encode(body).decode() + '\\22}}"}')
+
+  here = dry_run._portable(lowered(os.path.dirname(os.path.dirname(jax.__file__))))
+  assert base64.b64encode(b"MLIR").decode() not in here  # the body was replaced
+  monkeypatch.setattr(jax, "__file__", "/elsewhere/site-packages/jax/__init__.py")
+  assert dry_run._portable(lowered("/elsewhere/site-packages")) == here
+  assert dry_run._portable(lowered("/elsewhere/site-packages", op="exp")) != here
