@@ -69,14 +69,17 @@ _KERNEL_BODY = re.compile(r"(\\22body\\22: \\22)([A-Za-z0-9+/=]+)")
 
 
 def _portable(text: str) -> str:
-  """The lowered program without where JAX is installed: a Pallas kernel's serialized body names
-  its source file by absolute path, so each body is replaced by a digest of it with that prefix
-  removed, and the same program digests alike in any checkout and virtual environment."""
+  """The lowered program without where JAX is installed: a Pallas kernel's serialized body (MLIR
+  bytecode) names its source file by absolute path, and the bytecode's lengths change with it. So
+  each body is replaced by a digest of its strings (op names, attributes, that path made
+  relative); the kernel's operand shapes and name stay in the text around it. The same program
+  then digests alike in any checkout and virtual environment."""
   root = os.path.dirname(os.path.dirname(jax.__file__)).encode()
 
   def strip(match):
     body = base64.b64decode(match.group(2) + "=" * (-len(match.group(2)) % 4))
-    return match.group(1) + hashlib.sha256(body.replace(root, b"")).hexdigest()
+    strings = b"\n".join(re.findall(rb"[ -~]{4,}", body)).replace(root, b"")
+    return match.group(1) + hashlib.sha256(strings).hexdigest()
   return _KERNEL_BODY.sub(strip, text)
 
 
