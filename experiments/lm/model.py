@@ -150,13 +150,24 @@ def constrain_batch(x):
   return jax.lax.with_sharding_constraint(x, jax.P(axes, *([None] * (x.ndim - 1))))
 
 
-def constrain_vocab(w):
-  """Pins a (d, vocab) array to the output layer's FSDP sharding (vocabulary over 'fsdp'), if
-  such a mesh is active: its gradient is then reduce-scattered, never all-reduced whole."""
+def constrain_fsdp(x, dim: int):
+  """Pins dimension ``dim`` of ``x`` to the 'fsdp' mesh axis (the others replicated), if such a
+  mesh is active and divides it: the gradient of ``x`` is then summed into that sharding, never
+  all-reduced as a whole array."""
   mesh = jax.sharding.get_abstract_mesh()
-  if "fsdp" not in mesh.axis_names or w.shape[1] % mesh.shape["fsdp"]:
-    return w
-  return jax.lax.with_sharding_constraint(w, jax.P(None, "fsdp"))
+  if "fsdp" not in mesh.axis_names or x.shape[dim] % mesh.shape["fsdp"]:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.P(*(["fsdp" if i == dim else None
+                                                       for i in range(x.ndim)])))
+
+
+def embed_tokens(embed: nnx.Embed, tokens, dtype=None):
+  """The rows of ``embed``'s (vocabulary, d) table for ``tokens``, cast to ``dtype`` first if
+  given (the lookup then moves half-precision rows). The table is pinned to its rows' FSDP
+  sharding, so that its gradient (a scatter-add over every token of the batch) is summed into
+  that sharding: unpinned, LLaMA-1B's step all-reduced a whole float32 table (262 MB per chip)."""
+  table = constrain_fsdp(embed.embedding[...], 0)
+  return jnp.take(table if dtype is None else table.astype(dtype), tokens, axis=0)
 
 
 def dense(cfg, n_in, n_out, rngs, *, bias, std=0.02):
@@ -368,11 +379,12 @@ def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
   w_c = w.astype(h.dtype)
   vocab_ids = jnp.arange(w.shape[1])
   total, grad_h = jnp.zeros([], jnp.float32), []
-  grad_w = constrain_vocab(jnp.zeros(w.shape, jnp.float32))
+  grad_w = constrain_fsdp(jnp.zeros(w.shape, jnp.float32), 1)
   for start in range(0, t, chunk):
     h_c, y_c = h[:, start:start + chunk], targets[:, start:start + chunk]
     logits = jnp.einsum("btd,dv->btv", h_c, w_c, preferred_element_type=jnp.float32)
-    logits = jnp.where(vocab_ids < n_valid, logits, -jnp.inf)
+    if n_valid < w.shape[1]:  # padded vocabulary: padded classes take no probability
+      logits = jnp.where(vocab_ids < n_valid, logits, -jnp.inf)
     log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     one_hot = vocab_ids == y_c[..., None]
     token_loss = log_z[..., 0] - jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
@@ -384,8 +396,8 @@ def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
     total += jnp.sum(token_loss)
     d_logits = ((jnp.exp(logits - log_z) - one_hot) * weight).astype(h.dtype)
     grad_h.append(constrain_batch(jnp.einsum("btv,dv->btd", d_logits, w_c)))
-    grad_w += constrain_vocab(jnp.einsum("btd,btv->dv", h_c, d_logits,
-                                         preferred_element_type=jnp.float32))
+    grad_w += constrain_fsdp(jnp.einsum("btd,btv->dv", h_c, d_logits,
+                                        preferred_element_type=jnp.float32), 1)
   grad_h = jnp.concatenate(grad_h, axis=1) if len(grad_h) > 1 else grad_h[0]
   total = total * (1.0 / (b * t) if scale is None else scale)
   return total, (grad_h, grad_w.astype(w.dtype), scale)
@@ -447,12 +459,15 @@ class GPT2(DecoderLM):
     self.positions = nnx.Embed(cfg.context, cfg.d_model,
                                embedding_init=nnx.initializers.normal(0.01), rngs=rngs)
     self.blocks = nnx.List([GPT2Block(cfg, rngs) for _ in range(cfg.n_layer)])
-    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, use_bias=cfg.has_bias, rngs=rngs)
+    # The final norm returns the compute dtype: its output is the output layer's input, whose
+    # matmul would otherwise run in float32 (flax's norms promote to their float32 scale).
+    self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, use_bias=cfg.has_bias, dtype=cfg.dtype,
+                              rngs=rngs)
 
   def features(self, tokens, dropout_key=None):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab), tied to the embedding."""
     embed_key, blocks_key = split_dropout_key(dropout_key)
-    x = self.embed(tokens) + self.positions(jnp.arange(tokens.shape[1]))[None]
+    x = embed_tokens(self.embed, tokens) + self.positions(jnp.arange(tokens.shape[1]))[None]
     x = constrain_batch(dropout(x.astype(self.cfg.dtype), self.cfg.dropout, embed_key))
     x = run_blocks(self.blocks, x, self.cfg.remat, blocks_key)
     return self.ln_f(x), self.embed.embedding[...].T
@@ -483,13 +498,13 @@ class Llama(DecoderLM):
     self.embed = nnx.Embed(cfg.padded_vocab, cfg.d_model,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.blocks = nnx.List([LlamaBlock(cfg, rngs) for _ in range(cfg.n_layer)])
-    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
+    self.norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, dtype=cfg.dtype, rngs=rngs)  # as GPT-2's
     self.head = dense(cfg, cfg.d_model, cfg.padded_vocab, rngs, bias=False)
 
   def features(self, tokens, dropout_key=None):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab)."""
     embed_key, blocks_key = split_dropout_key(dropout_key)
-    x = dropout(self.embed(tokens).astype(self.cfg.dtype), self.cfg.dropout, embed_key)
+    x = dropout(embed_tokens(self.embed, tokens, self.cfg.dtype), self.cfg.dropout, embed_key)
     x = run_blocks(self.blocks, constrain_batch(x), self.cfg.remat, blocks_key)
     return self.norm(x), self.head.kernel[...]
 
