@@ -163,9 +163,10 @@ def constrain_fsdp(x, dim: int):
 
 def embed_tokens(embed: nnx.Embed, tokens, dtype=None):
   """The rows of ``embed``'s (vocabulary, d) table for ``tokens``, cast to ``dtype`` first if
-  given (the lookup then moves half-precision rows). The table is pinned to its rows' FSDP
-  sharding, so that its gradient (a scatter-add over every token of the batch) is summed into
-  that sharding: unpinned, LLaMA-1B's step all-reduced a whole float32 table (262 MB per chip)."""
+  given: the lookup then gathers half-precision rows and the table's gradient is summed in that
+  dtype, as every other weight's is (LLaMA; before, LLaMA-1B's step all-reduced a whole float32
+  table, 262 MB per chip). The table is pinned to its rows' FSDP sharding (its parameter
+  sharding), so that the gradient is asked for in that sharding."""
   table = constrain_fsdp(embed.embedding[...], 0)
   return jnp.take(table if dtype is None else table.astype(dtype), tokens, axis=0)
 
@@ -291,15 +292,15 @@ class CausalSelfAttention(nnx.Module):
   """Multi-head causal attention; ``rope_base`` set: rotary positions on q and k."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, rope_base=None):
-    self.n_head, self.rope_base, self.dropout = cfg.n_head, rope_base, cfg.dropout
-    self.cfg = cfg
+    self.cfg, self.rope_base = cfg, rope_base
     self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs, bias=cfg.has_bias)
     self.proj = dense(cfg, cfg.d_model, cfg.d_model, rngs, bias=cfg.has_bias,
                       std=residual_std(cfg))
 
   def __call__(self, x, key=None):
     b, t, d = x.shape
-    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, self.n_head, d // self.n_head), 2, 0)
+    h = self.cfg.n_head
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, h, d // h), 2, 0)
     if self.rope_base is not None:
       q, k = rope(q, self.rope_base), rope(k, self.rope_base)
     implementation = attention_implementation(self.cfg, t, current_platform(),
@@ -308,12 +309,12 @@ class CausalSelfAttention(nnx.Module):
       out = splash_attention(q, k, v)
     elif implementation == "cudnn":
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    elif key is not None and self.dropout:
+    elif key is not None and self.cfg.dropout:
       weights_key, key = jax.random.split(key)
-      out = xla_attention(q, k, v, self.dropout, weights_key)
+      out = xla_attention(q, k, v, self.cfg.dropout, weights_key)
     else:
       out = xla_attention(q, k, v)
-    return dropout(self.proj(out.reshape(b, t, d)), self.dropout, key)
+    return dropout(self.proj(out.reshape(b, t, d)), self.cfg.dropout, key)
 
 
 class GeluMLP(nnx.Module):
