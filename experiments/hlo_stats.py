@@ -48,9 +48,11 @@ def arrays(shape: str) -> list:
 
 
 def entry_instructions(hlo: str) -> list:
-  """The entry computation's instructions, with operand shapes resolved."""
+  """The entry computation's instructions, with operand shapes resolved. The entry is the
+  module's last computation; it ends at the text's last closing brace, not its first (a Pallas
+  kernel's backend config may hold a line that starts with one)."""
   body = hlo[hlo.index("\nENTRY"):]
-  body = body[:body.index("\n}")]
+  body = body[:body.rindex("\n}")]
   parsed = [m.groups() for m in map(_INSTRUCTION.match, body.splitlines()[1:]) if m]
   shapes = {name: shape for name, shape, _, _ in parsed}
   return [Instruction(name, op, arrays(shape),

@@ -105,6 +105,89 @@ def test_every_matmul_of_a_bf16_model_runs_in_bf16(name, remat):
   assert set(dtypes) == {("bfloat16", "bfloat16")}, dtypes
 
 
+def test_rope_rotates_each_head_dimension_with_its_half_partner_as_the_float64_reference():
+  """Rotate-half rotary embedding: dimension i and i + dim/2 rotated by position x base^(-2i/dim)
+  (NumPy, float64), and attention scores that depend on the positions' difference only."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 3, 8))
+  seq, dim, base = 5, 8, 10_000.0
+  angles = np.arange(seq)[:, None] * base ** (-np.arange(0, dim, 2) / dim)[None]
+  cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+  first, second = x[..., :dim // 2], x[..., dim // 2:]
+  want = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  got = model_lib.rope(jnp.asarray(x, jnp.float32), base)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # <rope(q)_m, rope(k)_n> depends on m - n only: the same q and k at every position.
+  q = np.broadcast_to(rng.normal(size=(1, 1, 1, dim)), (1, seq, 1, dim))
+  k = np.broadcast_to(rng.normal(size=(1, 1, 1, dim)), (1, seq, 1, dim))
+  rq, rk = (np.asarray(model_lib.rope(jnp.asarray(a, jnp.float32), base), np.float64)
+            for a in (q, k))
+  scores = np.einsum("qd,kd->qk", rq[0, :, 0], rk[0, :, 0])
+  for shift in range(1, seq):
+    np.testing.assert_allclose(np.diagonal(scores, -shift), scores[shift, 0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_kernels_cast_while_sharded_change_no_loss_or_gradient(name):
+  """step.cast_kernels casts the blocks' matmul weights to the compute dtype in their FSDP
+  sharding (so the compiler gathers them and reduces their gradients in bf16); the model would
+  cast them to the same values itself: loss and float32 gradients are bit for bit those without
+  it. (Casting the output layer too rounded its float32 gradient to bf16: the test found it.)"""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(model_lib.PRESETS[name], compute_dtype="bfloat16", loss_chunk=32)
+  graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  mesh = jax.make_mesh((1, 8), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shardings = step_lib.tree_sharding(params, mesh)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 64)), jnp.int32)
+
+  def loss(p, cast):
+    if cast:
+      p = step_lib.cast_kernels(p, cfg.dtype, shardings)
+    return nnx.merge(graphdef, nnx.State(p)).loss(tokens, tokens)
+
+  with jax.set_mesh(mesh):
+    casted = jax.jit(lambda p: step_lib.cast_kernels(p, cfg.dtype, shardings))(params)
+    plain, cast = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c)
+                   for c in (False, True))
+  def block_kernel(path):
+    return path[-1].key == "kernel" and path[0].key == "blocks"
+  for path, leaf in jax.tree_util.tree_leaves_with_path(casted):
+    assert leaf.dtype == (jnp.bfloat16 if block_kernel(path) else jnp.float32), path
+  kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(casted)
+             if block_kernel(path)]
+  assert len(kernels) >= 4 * cfg.n_layer
+  assert all(k.sharding.is_equivalent_to(s, k.ndim) for k, s in zip(
+      kernels, [s for path, s in jax.tree_util.tree_leaves_with_path(shardings)
+                if block_kernel(path)]))
+  assert float(plain[0]) == float(cast[0])
+  for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(cast[1])):
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_norm_outputs_rounded_before_the_matmul_change_no_loss_or_gradient(name, monkeypatch):
+  """The blocks round their norms' float32 output to the stream's dtype (model.normed) where the
+  next matmul would round it anyway: bf16 loss and gradients bit for bit those of the plain norm."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(model_lib.PRESETS[name], compute_dtype="bfloat16", loss_chunk=32)
+  graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
+  loss = lambda p: nnx.merge(graphdef, p).loss(tokens, tokens)  # noqa: E731
+  x = jnp.ones((2, 3, cfg.d_model), jnp.bfloat16)
+  block = nnx.merge(graphdef, params).blocks[0]
+  norm = block.ln_1 if name == "tiny" else block.attn_norm
+  assert norm(x).dtype == jnp.float32  # what flax returns, so the rounding is ours
+  assert model_lib.normed(norm, x).dtype == jnp.bfloat16
+  rounded = jax.jit(jax.value_and_grad(loss))(params)
+  monkeypatch.setattr(model_lib, "normed", lambda norm, x: norm(x))
+  plain = jax.jit(jax.value_and_grad(loss))(params)
+  assert float(rounded[0]) == float(plain[0])
+  for a, b in zip(jax.tree.leaves(rounded[1]), jax.tree.leaves(plain[1])):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "ademamix"])
 def test_loss_falls_on_tiny_preset(corpus, optimizer):
   """ln(256) = 5.55 at init; 80 steps must bring the training loss down by at least 1.5 nats."""

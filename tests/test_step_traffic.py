@@ -27,6 +27,7 @@ import pytest
 
 import optax_accel as oa
 from benchmarks import step_traffic
+from experiments import hlo_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALARS = 0.1  # bytes per parameter of scalar state and step counts (AM's per-tensor betas: 0.05)
@@ -102,3 +103,18 @@ def test_every_step_moves_its_streaming_ideal_and_copies_nothing_unless_pinned(h
     if name in KNOWN_EXCESS:  # a pin that is no longer needed must go
       assert moved > ideal + SCALARS, (name, moved, "now at its ideal: drop it from KNOWN_EXCESS")
   assert rows["optax.adamw"]["tpu-unstaged copies"] == 0
+
+
+def test_entry_instructions_read_past_a_closing_brace_inside_a_kernels_config():
+  """A splash kernel's backend config spans lines, one of which starts with '}': every entry
+  instruction after it is still read (the parser once stopped there)."""
+  hlo = ("%fused (p: f32[4]) -> f32[4] {\n  ROOT %p = f32[4]{0} parameter(0)\n}\n\n"
+         "ENTRY %main (a: f32[4]) -> f32[4] {\n"
+         "  %a = f32[4]{0} parameter(0)\n"
+         '  %custom-call.1 = f32[4]{0} custom-call(%a), backend_config="{\\"m\\": \\"\n'
+         '}\\"}"\n'
+         "  ROOT %fusion.2 = f32[4]{0} fusion(%custom-call.1), kind=kLoop, calls=%fused\n}\n")
+  ops = [(i.name, i.op) for i in hlo_stats.entry_instructions(hlo)]
+  assert ops == [("%a", "parameter"), ("%custom-call.1", "custom-call"),
+                 ("%fusion.2", "fusion")], ops
+  assert hlo_stats.entry_instructions(hlo)[-1].operands == [[hlo_stats.Array(4, 16, True)]]

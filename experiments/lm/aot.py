@@ -44,8 +44,14 @@ GIB = 2 ** 30
 # Per chip: usable HBM (bytes), peak bf16 FLOP/s, HBM bandwidth (bytes/s); public spec sheets.
 CHIPS = {"v5e": (15.75 * GIB, 197e12, 819e9), "v4": (32 * GIB, 275e12, 1228e9),
          "v5p": (95 * GIB, 459e12, 2765e9), "v6e": (32 * GIB, 918e12, 1640e9)}
-# The attention path of cells compiled before model.attention existed: stale, to be recompiled.
-STALE_ATTENTION = "jax.nn (stale: before issue 25)"
+# The changes to the compiled training step since the matrix was first compiled, oldest first. A
+# result records how many it includes (``step_revision``); a matrix cell of an older revision is
+# not today's program and table.md says so (delete its JSON and rerun --matrix). Append a line
+# whenever the step's program changes.
+STEP_REVISIONS = (
+    "model.attention (splash on TPU; bf16 scores on the XLA path), issue 25",
+    "blocks' weights cast to bf16 while sharded; rotate-half rotary embedding",
+)
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MATRIX = {"configs": ("gpt2-124m", "llama-1b", "shakespeare-char", "llama-60m"),
           "topologies": ("v5e:4x4", "v5e:8x8", "v5e:2x2", "v4:2x2x4"),
@@ -203,6 +209,7 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
       "estimated_mfu": accum * ideal_micro / (step_time * peak),
       "collectives": {k: full[k] for k in COLLECTIVES}, "copies": full["copy"],
       "fwd_bwd": fwd_bwd, "compile_s": time.perf_counter() - started,
+      "step_revision": len(STEP_REVISIONS),
   }
 
 
@@ -212,9 +219,17 @@ ROW_COLUMNS = ("config", "topology", "optimizer", "global_batch", "grad_accum", 
                "optimizer_share")
 
 
+def staleness(result: dict) -> str | None:
+  """Why ``result`` is not today's step (the first change it predates), or None."""
+  # Cells from before model.attention have no "attention"; those of revision 1 no revision.
+  revision = result.get("step_revision", 1 if "attention" in result else 0)
+  return None if revision == len(STEP_REVISIONS) else f"stale: before {STEP_REVISIONS[revision]}"
+
+
 def row(result: dict) -> dict:
   out = {k: result.get(k) for k in ROW_COLUMNS}
-  out["attention"] = result.get("attention", STALE_ATTENTION)
+  stale = staleness(result)
+  out["attention"] = result.get("attention", "jax.nn") + (f" ({stale})" if stale else "")
   out["optimizer_share"] = result["roofline_optimizer_s"] / result["roofline_step_s"]
   return out
 
@@ -283,8 +298,9 @@ def matrix_table(out_dir: str):
       "FLOPs of one microbatch step (grad_accum=1, no loop), plus the attention kernel's FLOPs "
       "counted analytically where the step runs one (the cost analysis cannot see them)",
       "attention: the path the step compiled to (model.attention=auto: 'splash', the Pallas "
-      f"kernel, on TPU). Rows marked {STALE_ATTENTION!r} were compiled before model.attention "
-      "existed (jax.nn.dot_product_attention, f32 scores) and are not today's step: delete their "
+      "kernel, on TPU; 'jax.nn': jax.nn.dot_product_attention, f32 scores, before "
+      "model.attention existed). Rows marked 'stale: before X' were compiled before change X to "
+      "the step (experiments.lm.aot.STEP_REVISIONS) and are not today's program: delete their "
       "JSON and rerun --matrix to recompile them",
       "added_*_share / step_overhead_vs_adamw: the optimizer's extra compiled bytes/FLOPs/"
       "roofline time over AdamW's whole step, same preset and slice"])

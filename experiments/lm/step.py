@@ -117,6 +117,21 @@ def tree_sharding(tree, mesh):
   return jax.tree.map(lambda leaf: jax.NamedSharding(mesh, fsdp_spec(leaf.shape, size)), tree)
 
 
+def cast_kernels(params, dtype, shardings):
+  """The blocks' matmul weights (``kernel`` leaves under ``blocks``) cast to the compute
+  ``dtype`` while still in their FSDP ``shardings``, so that the compiler gathers each and reduces
+  its gradient in that dtype and forms the float32 gradient on the shard. The model would cast
+  them to the same values itself (flax's ``Linear(dtype=...)``): loss and gradients are bit for bit
+  unchanged. The output layer is left to :func:`model.softmax_cross_entropy`, which sums its
+  gradient in float32 into its FSDP sharding."""
+  def cast(path, leaf, sharding):
+    keys = [getattr(k, "key", None) for k in path]
+    if keys[-1] != "kernel" or "blocks" not in keys or leaf.dtype == dtype:
+      return leaf
+    return jax.lax.with_sharding_constraint(leaf.astype(dtype), sharding)
+  return jax.tree_util.tree_map_with_path(cast, params, shardings)
+
+
 def batch_sharding(mesh):
   """Token batches of shape (microbatches, batch, seq): the batch over every device."""
   return jax.NamedSharding(mesh, jax.P(None, model_lib.BATCH_AXES, None))
@@ -229,6 +244,7 @@ def build_train_step(cfg, devices=None) -> TrainStep:
   param_sharding = state_sharding["params"]
 
   def loss_fn(params, inputs, targets, scale=None, dropout_key=None):
+    params = cast_kernels(params, mc.dtype, param_sharding)
     return nnx.merge(graphdef, nnx.State(params)).loss(inputs, targets, scale, dropout_key)
 
   grad_fn = jax.value_and_grad(loss_fn)
