@@ -235,3 +235,17 @@ def test_peer_table_is_the_committed_compiles_beside_maxtexts_recorded_figures()
     assert kernel["bytes_per_chip"] < xla["bytes_per_chip"]
     assert xla["bytes_per_chip"] < rows["ours, before (jax.nn.dot_product_attention)"][
         "bytes_per_chip"]
+
+
+def test_matrix_cells_compiled_before_a_change_to_the_step_are_marked_stale():
+  """aot.row labels a cell by the changes to the step it predates (aot.STEP_REVISIONS): none
+  recorded and no attention path (before model.attention), an attention path without a revision
+  (the first change only), or today's revision (no mark)."""
+  cell = {"config": "llama-1b", "topology": "v5e:8x8", "optimizer": "adamw",
+          "roofline_optimizer_s": 1.0, "roofline_step_s": 4.0}
+  assert aot.row(cell)["attention"] == "jax.nn (stale: before model.attention)"
+  assert aot.row({**cell, "attention": "splash"})["attention"] == (
+      f"splash (stale: before {aot.STEP_REVISIONS[1]})")
+  today = {**cell, "attention": "splash", "step_revision": len(aot.STEP_REVISIONS)}
+  assert aot.row(today)["attention"] == "splash" and aot.staleness(today) is None
+  assert aot.row(today)["optimizer_share"] == 0.25

@@ -49,8 +49,8 @@ CHIPS = {"v5e": (15.75 * GIB, 197e12, 819e9), "v4": (32 * GIB, 275e12, 1228e9),
 # not today's program and table.md says so (delete its JSON and rerun --matrix). Append a line
 # whenever the step's program changes.
 STEP_REVISIONS = (
-    "model.attention (splash on TPU; bf16 scores on the XLA path), issue 25",
-    "blocks' weights cast to bf16 while sharded; rotate-half rotary embedding",
+    "model.attention",  # splash on TPU, bf16 scores on the XLA path (issue 25)
+    "bf16 weight casts and rotate-half rope",  # also norm outputs in bf16, splash residuals
 )
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MATRIX = {"configs": ("gpt2-124m", "llama-1b", "shakespeare-char", "llama-60m"),
