@@ -1,6 +1,9 @@
 """Helpers to drive optax_accel transforms in the tests."""
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -93,3 +96,18 @@ def refused_by_the_cli(args, capfd):
   from experiments.lm import train  # pylint: disable=import-outside-toplevel
   code = train.main(args)
   return code, [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
+def tpu_probe(config, topologies, *overrides) -> dict:
+  """tests/tpu_probe.py's figures (topology -> figures) of ``config``'s step compiled deviceless
+  for ``topologies`` (comma-separated), in a subprocess: libtpu loads once per call."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu), as .ci/run installs")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(
+      [sys.executable, str(root / "tests" / "tpu_probe.py"), config, topologies, *overrides],
+      cwd=root, capture_output=True, text=True, timeout=900, check=False,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
+           "PYTHONPATH": str(root), "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])

@@ -13,11 +13,7 @@
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +21,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flax")
+
+from helpers import tpu_probe  # noqa: E402
 
 from experiments.lm import aot  # noqa: E402
 from experiments.lm import config as config_lib  # noqa: E402
@@ -89,6 +87,8 @@ def test_xla_attention_equals_the_float64_reference():
 
 
 def test_splash_attention_gives_the_xla_paths_loss_and_update():
+  """The kernel (interpret mode; q, k, v projected straight into its (batch, heads, seq,
+  head_dim) layout, biases included) gives the XLA path's loss and updated parameters."""
   tokens = np.random.default_rng(0).integers(0, 256, (1, 8, 128)).astype(np.int32)
   results = {}
   for attention in ("auto", "splash"):  # auto is XLA on CPU
@@ -109,7 +109,7 @@ def test_splash_attention_gives_the_xla_paths_loss_and_update():
 
 
 def test_block_remat_keeps_the_kernels_output_and_changes_no_gradient():
-  q, k, v = _inputs(jnp.float32, (8, 128, 2, 16))
+  q, k, v = _inputs(jnp.float32, (8, 2, 128, 16))  # (batch, heads, seq, head_dim)
   mesh = jax.make_mesh((1, 8), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
   def grads(policy):
@@ -133,7 +133,7 @@ def test_block_remat_keeps_the_log_sum_exp_per_query_not_the_kernels_lane_copies
   """What "block" keeps of the kernel: its output (batch, heads, T, d) and the log-sum-exp per
   query (batch, heads, T), never the kernel's raw statistics output (batch, heads, T, 128 lanes),
   which was kept before (32 MiB per layer per chip for LLaMA-1B)."""
-  q, k, v = _inputs(jnp.float32, (8, 256, 2, 16))
+  q, k, v = _inputs(jnp.float32, (8, 2, 256, 16))
   mesh = jax.make_mesh((1, 8), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   attend = jax.checkpoint(lambda q, k, v: model_lib.splash_attention(q, k, v),
                           policy=model_lib.REMAT_POLICIES["block"])
@@ -194,24 +194,29 @@ def test_kernel_flops_are_counted_analytically():
 def test_the_kernel_moves_fewer_bytes_per_chip_on_tpu():
   """One GPT-2 block at T = 1024 (a 256-token vocabulary, so that attention dominates), compiled
   deviceless for v5e:2x2: splash (auto's choice on TPU) against the XLA path."""
-  pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu), as .ci/run installs")
-  common = ["model.n_layer=1", "model.vocab_size=256", "train.batch_size=8"]
-  figures = {}
-  for attention in ("auto", "xla"):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "tpu_probe.py"), "gpt2-124m", "v5e:2x2",
-         *common, f"model.attention={attention}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
-             "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""})
-    assert out.returncode == 0, out.stderr[-3000:]
-    figures[attention] = json.loads(out.stdout.strip().splitlines()[-1])["v5e:2x2"]
+  figures = {attention: tpu_probe("gpt2-124m", "v5e:2x2", "model.n_layer=1",
+                                  "model.vocab_size=256", "train.batch_size=8",
+                                  f"model.attention={attention}")["v5e:2x2"]
+             for attention in ("auto", "xla")}
   # Compiled when written: bytes 1.115e9 (splash) and 1.462e9 (XLA), temporaries 9.6 and 50 MB;
   # jax.nn.dot_product_attention in place of xla_attention: 1.685e9 bytes, 127 MB, and 16 f32
   # (.., 1024, 1024) values outside fusions, which the last assertion finds.
   assert figures["auto"]["bytes"] < 0.8 * figures["xla"]["bytes"], figures
   assert figures["auto"]["temp_bytes"] < figures["xla"]["temp_bytes"], figures
   assert figures["xla"]["f32_scores"] == 0 and figures["auto"]["f32_scores"] == 0, figures
+
+
+def test_scanned_layers_need_less_memory_on_tpu():
+  """LLaMA-150M's blocks (4 of them, a 256-token vocabulary), 16 x 512 tokens with block remat,
+  compiled deviceless for v5e:4x4 as training compiles it: one lax.scan over the layers
+  (model.scan_layers=loop) needs fewer temporaries than the unrolled blocks."""
+  figures = {scan: tpu_probe("accel-150m-c4-32k", "v5e:4x4", "model.n_layer=4",
+                             "model.vocab_size=256", "train.batch_size=16", "train.grad_accum=1",
+                             "model.remat=block", "--normal", f"model.scan_layers={scan}")["v5e:4x4"]
+             for scan in ("none", "loop")}
+  # Compiled when written: 46.6 MB of temporaries unrolled, 12.6 MB scanned (8 layers: 136.7 and
+  # 18.4 MB).
+  assert figures["loop"]["temp_bytes"] < 0.5 * figures["none"]["temp_bytes"], figures
 
 
 def test_peer_table_is_the_committed_compiles_beside_maxtexts_recorded_figures():
@@ -238,14 +243,21 @@ def test_peer_table_is_the_committed_compiles_beside_maxtexts_recorded_figures()
 
 
 def test_matrix_cells_compiled_before_a_change_to_the_step_are_marked_stale():
-  """aot.row labels a cell by the changes to the step it predates (aot.STEP_REVISIONS): none
-  recorded and no attention path (before model.attention), an attention path without a revision
-  (the first change only), or today's revision (no mark)."""
+  """aot.row labels a cell by the first change to its program it predates (aot.STEP_REVISIONS):
+  none recorded and no attention path (before model.attention), an attention path without a
+  revision (the first change only), a revision before a change to its program (stale), or before
+  changes to other programs only (today's program: no mark)."""
   cell = {"config": "llama-1b", "topology": "v5e:8x8", "optimizer": "adamw",
           "roofline_optimizer_s": 1.0, "roofline_step_s": 4.0}
   assert aot.row(cell)["attention"] == "jax.nn (stale: before model.attention)"
   assert aot.row({**cell, "attention": "splash"})["attention"] == (
-      f"splash (stale: before {aot.STEP_REVISIONS[1]})")
+      f"splash (stale: before {aot.STEP_REVISIONS[1][0]})")
+  last = len(aot.STEP_REVISIONS) - 1  # splash in its own layout, llama-1b's layers scanned
+  before = {**cell, "attention": "splash", "step_revision": last}
+  assert aot.staleness(before) == f"stale: before {aot.STEP_REVISIONS[last][0]}"
+  assert aot.staleness({**before, "config": "gpt2-124m"}) is not None  # its splash changed too
+  assert aot.staleness({**before, "attention": "xla"}) is not None  # llama-1b: scanned
+  assert aot.staleness({**before, "config": "llama-60m", "attention": "xla"}) is None
   today = {**cell, "attention": "splash", "step_revision": len(aot.STEP_REVISIONS)}
   assert aot.row(today)["attention"] == "splash" and aot.staleness(today) is None
   assert aot.row(today)["optimizer_share"] == 0.25

@@ -8,11 +8,7 @@ the padded vocabulary change nothing.
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +16,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("flax")
+
+from helpers import tpu_probe  # noqa: E402
 
 from experiments.lm import config as config_lib  # noqa: E402
 from experiments.lm import model as model_lib  # noqa: E402
@@ -40,21 +38,10 @@ SCALE_CASES = {
 }
 
 
-def _probe(config, topologies, overrides):
-  pytest.importorskip("libtpu", reason="needs the tpu-aot extra (libtpu), as .ci/run installs")
-  out = subprocess.run(
-      [sys.executable, str(ROOT / "tests" / "tpu_probe.py"), config, topologies, *overrides],
-      cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false",
-           "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("case", sorted(SCALE_CASES))
 def test_step_spreads_over_tpu_chips(case):
   config, overrides, activation_bound = SCALE_CASES[case]
-  probes = _probe(config, "v5e:2x2,v5e:4x4", overrides)
+  probes = tpu_probe(config, "v5e:2x2,v5e:4x4", *overrides)
   small, large = probes["v5e:2x2"], probes["v5e:4x4"]
   assert small["flops"] >= 3.5 * large["flops"] > 0, (small["flops"], large["flops"])
   if activation_bound:

@@ -1,9 +1,10 @@
 """Compiles a training step for TPU topologies without a TPU; prints JSON (test_scale, test_attention).
 
-    python tests/tpu_probe.py CONFIG TOPOLOGY[,TOPOLOGY ...] [KEY=VALUE ...]
+    python tests/tpu_probe.py CONFIG TOPOLOGY[,TOPOLOGY ...] [KEY=VALUE ...] [--normal]
 
 Reports the per-chip FLOPs and temporaries of the step (one microbatch, compiled without the
-collective-matmul loops so that the cost analysis counts every matmul), whether any HLO value has
+collective-matmul loops so that the cost analysis counts every matmul; ``--normal``: with them,
+as training compiles it), whether any HLO value has
 the global batch as its leading dimensions (a replicated activation), and whether every optimizer
 state leaf of a parameter's shape carries that parameter's sharding in the compiled step.
 """
@@ -17,13 +18,16 @@ from experiments.lm import aot
 from experiments.lm import config as config_lib
 from experiments.lm import step as step_lib
 
+NORMAL = "--normal"
+
 
 def probe(config, topology, overrides):
-  cfg = config_lib.build_config(config, list(overrides))
+  normal = NORMAL in overrides  # the compile training runs, with its collective-matmul loops
+  cfg = config_lib.build_config(config, [o for o in overrides if o != NORMAL])
   program = step_lib.build_train_step(cfg, aot.topology_devices(topology))
   with jax.set_mesh(program.mesh):
     compiled = program.step.lower(program.abstract_state, *program.abstract_batch()).compile(
-        compiler_options=aot.COUNTING_OPTIONS)
+        compiler_options=None if normal else aot.COUNTING_OPTIONS)
   hlo = compiled.as_text()
   batch, seq = program.micro_batch, cfg["train.seq_len"]
   replicated = sorted(set(re.findall(rf"\w+\[{batch},{seq}[,\]][^ ]*", hlo)))

@@ -44,13 +44,16 @@ GIB = 2 ** 30
 # Per chip: usable HBM (bytes), peak bf16 FLOP/s, HBM bandwidth (bytes/s); public spec sheets.
 CHIPS = {"v5e": (15.75 * GIB, 197e12, 819e9), "v4": (32 * GIB, 275e12, 1228e9),
          "v5p": (95 * GIB, 459e12, 2765e9), "v6e": (32 * GIB, 918e12, 1640e9)}
-# The changes to the compiled training step since the matrix was first compiled, oldest first. A
-# result records how many it includes (``step_revision``); a matrix cell of an older revision is
-# not today's program and table.md says so (delete its JSON and rerun --matrix). Append a line
-# whenever the step's program changes.
+# The changes to the compiled training step since the matrix was first compiled, oldest first, each
+# with the results whose program it changed (None: all). A result records how many it includes
+# (``step_revision``); a matrix cell that predates a change to its program is not today's program
+# and table.md says so (delete its JSON and rerun --matrix). Append a line whenever the step's
+# program changes.
 STEP_REVISIONS = (
-    "model.attention",  # splash on TPU, bf16 scores on the XLA path (issue 25)
-    "bf16 weight casts and rotate-half rope",  # also norm outputs in bf16, splash residuals
+    ("model.attention", None),  # splash on TPU, bf16 scores on the XLA path (issue 25)
+    ("bf16 weight casts and rotate-half rope", None),  # also norm outputs in bf16, splash residuals
+    ("splash in its own layout, llama-1b's layers scanned",
+     lambda result: result.get("attention") == "splash" or result["config"] == "llama-1b"),
 )
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MATRIX = {"configs": ("gpt2-124m", "llama-1b", "shakespeare-char", "llama-60m"),
@@ -163,8 +166,11 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
             "output_bytes": None, "source": "estimated from adamw",
             **{k: baseline["collectives"][k] for k in COLLECTIVES}, "copy": baseline["copies"]}
   if microbatch_stats is None:
+    # A loop's body would be counted once: a scan over the layers is unrolled for counting.
+    scan = "unrolled" if program.model_config.scan_layers == "loop" else None
     micro_program = step_lib.build_train_step(
-        {**cfg, "train.batch_size": program.micro_batch, "train.grad_accum": 1}, devices)
+        {**cfg, "train.batch_size": program.micro_batch, "train.grad_accum": 1,
+         "model.scan_layers": scan or cfg["model.scan_layers"]}, devices)
     with jax.set_mesh(micro_program.mesh):
       micro = compile_stats(micro_program.step.lower(micro_program.abstract_state,
                                                      *micro_program.abstract_batch()),
@@ -223,7 +229,8 @@ def staleness(result: dict) -> str | None:
   """Why ``result`` is not today's step (the first change it predates), or None."""
   # Cells from before model.attention have no "attention"; those of revision 1 no revision.
   revision = result.get("step_revision", 1 if "attention" in result else 0)
-  return None if revision == len(STEP_REVISIONS) else f"stale: before {STEP_REVISIONS[revision]}"
+  return next((f"stale: before {change}" for change, changed in STEP_REVISIONS[revision:]
+               if changed is None or changed(result)), None)
 
 
 def row(result: dict) -> dict:
@@ -259,8 +266,9 @@ def run_matrix(out_dir: str, configs, topologies, optimizers) -> list[dict]:
           cfg["train.batch_size"] = -(-cfg["train.batch_size"] // multiple) * multiple
           result = analyse(cfg, topology, name=name, baseline=baseline,
                            compile_step=(name, topology, optimizer) in MATRIX_COMPILED)
-          with open(path, "w") as f:
+          with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
+          os.replace(path + ".tmp", path)  # a killed run leaves no partial cell
         if optimizer == "adamw":
           baseline = result
         results.append(result)

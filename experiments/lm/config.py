@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "model.bias": None,  # GPT-2's biases (None: the model preset's; LLaMA has none)
     "model.n_layer": None,  # blocks (None: the model preset's)
     "model.attention": None,  # "auto", "xla", "splash" (TPU kernel), "cudnn"; None: auto
+    "model.scan_layers": None,  # "none", "loop" (one lax.scan over stacked blocks), "unrolled"
     "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
     "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
     "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH
@@ -245,7 +246,7 @@ def model_config(cfg) -> model_lib.ModelConfig:
   changes = {"compute_dtype": cfg["model.compute_dtype"], "remat": cfg["model.remat"]}
   if cfg["model.vocab_size"] is not None:
     changes["vocab_size"] = cfg["model.vocab_size"]
-  for key in ("loss_chunk", "dropout", "bias", "n_layer", "attention"):
+  for key in ("loss_chunk", "dropout", "bias", "n_layer", "attention", "scan_layers"):
     if cfg[f"model.{key}"] is not None:
       changes[key] = cfg[f"model.{key}"]
   try:

@@ -21,6 +21,10 @@ Scale features, all numerically neutral:
 - ``attention``: "auto" (default) runs the fused kernel of the platform (TPU: Pallas splash
   attention, from 512 tokens; GPU: cuDNN flash attention, in half precision) and XLA elsewhere,
   where the T x T scores live in the compute dtype, never f32 (:func:`xla_attention`);
+- ``scan_layers``: "none" (default: the blocks unrolled), "loop" (one ``lax.scan`` over the
+  blocks' weights stacked at run time, so the compiler plans one block's buffers for all; the
+  parameters keep their per-block layout) or "unrolled" (the same scan unrolled: what the cost
+  analysis counts, since it counts a loop body once);
 - :func:`softmax_cross_entropy` fuses the output layer with the loss and forms the logits'
   gradient in the forward pass, ``loss_chunk`` sequence positions at a time, so the f32 logits
   of a whole microbatch are never alive at once (and nothing is recomputed).
@@ -59,6 +63,7 @@ REMAT_POLICIES = {"none": None, "block": save_attention_kernels,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
 VOCAB_MULTIPLE = 128
 ATTENTION = ("auto", "xla", "splash", "cudnn")
+SCAN_LAYERS = ("none", "loop", "unrolled")
 SPLASH_BLOCK = 128  # the splash kernel's block along the sequence (seq_len a multiple of it)
 # Below this many tokens "auto" keeps the XLA path on TPU: compiled for v5e-16, the kernel's step
 # moved more bytes than XLA's at 256 tokens (LLaMA-60M/100M, GPT-2 6 x 384) and fewer from 512 on
@@ -83,6 +88,7 @@ class ModelConfig:
   bias: bool | None = None  # linear and LayerNorm biases; None: the arch's (GPT-2 yes, LLaMA no)
   dropout: float = 0.0  # rate in [0, 1), in training only
   attention: str = "auto"  # "auto", "xla", "splash" (Pallas TPU kernel), "cudnn" (GPU kernel)
+  scan_layers: str = "none"  # "none", "loop" or "unrolled" (see run_blocks)
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
@@ -107,6 +113,9 @@ class ModelConfig:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.scan_layers not in SCAN_LAYERS:
+      raise ValueError(f"model scan_layers must be one of {', '.join(SCAN_LAYERS)}, got "
+                       f"{self.scan_layers!r}")
     if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
       raise ValueError(f"model loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")
     try:
@@ -138,8 +147,10 @@ PRESETS = {
     # 150M (Morwani et al.'s nominal size; their shape is not published): 12 x 768, the
     # vocabulary of the 60M/100M models, the SwiGLU width that makes the count 150M.
     "llama-150m": ModelConfig("llama", 32000, 12, 12, 768, 512, d_ff=2624),
-    # TinyLlama-1.1B's shape (22 layers, 2048 wide, SwiGLU 5632), full multi-head attention.
-    "llama-1b": ModelConfig("llama", 32000, 22, 32, 2048, 2048, d_ff=5632, loss_chunk=512),
+    # TinyLlama-1.1B's shape (22 layers, 2048 wide, SwiGLU 5632), full multi-head attention; the
+    # layers scanned (docs/performance.md, section 3).
+    "llama-1b": ModelConfig("llama", 32000, 22, 32, 2048, 2048, d_ff=5632, loss_chunk=512,
+                            scan_layers="loop"),
 }
 
 
@@ -195,17 +206,19 @@ def residual_std(cfg):
   return 0.02 / (2 * cfg.n_layer) ** 0.5
 
 
-def rope(x, base):
-  """Rotary embedding on (batch, seq, heads, head_dim), in the rotate-half convention (GPT-NeoX's
-  and Hugging Face's LLaMA, which the AM paper's code trains): head dimensions i and i + dim/2
-  form the pair rotated by position x base^(-2i/dim). Meta's reference pairs 2i and 2i + 1
-  instead; the two are the same model up to a fixed permutation of q's and k's head dimensions,
-  which their projections absorb. Contiguous halves need no strided slices and re-interleaving:
-  compiled for v5e-16, a 4-layer LLaMA-1B's step moved 13% fewer bytes than with adjacent pairs."""
-  seq, dim = x.shape[1], x.shape[-1]
+def rope(x, base, seq_axis: int = 1):
+  """Rotary embedding on (batch, seq, heads, head_dim) (the sequence on ``seq_axis``), in the
+  rotate-half convention (GPT-NeoX's and Hugging Face's LLaMA, which the AM paper's code trains):
+  head dimensions i and i + dim/2 form the pair rotated by position x base^(-2i/dim). Meta's
+  reference pairs 2i and 2i + 1 instead; the two are the same model up to a fixed permutation of
+  q's and k's head dimensions, which their projections absorb. Contiguous halves need no strided
+  slices and re-interleaving: compiled for v5e-16, a 4-layer LLaMA-1B's step moved 13% fewer bytes
+  than with adjacent pairs."""
+  seq, dim = x.shape[seq_axis], x.shape[-1]
   freqs = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None]
-  cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+  shape = [seq if axis == seq_axis % x.ndim else 1 for axis in range(x.ndim - 1)] + [dim // 2]
+  cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
   x1, x2 = x[..., :dim // 2].astype(jnp.float32), x[..., dim // 2:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
@@ -279,14 +292,15 @@ def xla_attention(q, k, v, dropout_rate: float = 0.0, key=None):
 
 
 def splash_attention(q, k, v):
-  """Causal attention through JAX's Pallas splash-attention kernel; (batch, seq, heads,
-  head_dim) in and out. The T x T scores are never written to memory: the kernel keeps one block
-  of them on chip at a time (and recomputes them in the backward pass). Under a mesh the kernel
-  runs per device on its rows of the batch (``shard_map``); off TPU it runs in Pallas's
+  """Causal attention through JAX's Pallas splash-attention kernel; (batch, heads, seq,
+  head_dim) in and out, the kernel's own layout (the projections give it and read it: no
+  transposes around the kernel). The T x T scores are never written to memory: the kernel keeps
+  one block of them on chip at a time (and recomputes them in the backward pass). Under a mesh the
+  kernel runs per device on its rows of the batch (``shard_map``); off TPU it runs in Pallas's
   interpret mode (for tests: same numbers, slow)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels  # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-  _, t, h, d = q.shape
+  _, h, t, d = q.shape
   if t % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs a sequence length that is a multiple of "
                      f"{SPLASH_BLOCK}, got {t}")
@@ -295,10 +309,8 @@ def splash_attention(q, k, v):
                                    residual_checkpoint_name=SPLASH_RESIDUALS,
                                    interpret=current_platform() != "tpu")
 
-  def per_device(q, k, v):  # the kernel takes (heads, seq, head_dim), queries pre-scaled
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-    out = jax.vmap(kernel)(heads_first(q) * d ** -0.5, heads_first(k), heads_first(v))
-    return heads_first(out)
+  def per_device(q, k, v):  # queries pre-scaled
+    return jax.vmap(kernel)(q * d ** -0.5, k, v)
 
   axes = tuple(a for a in BATCH_AXES if a in jax.sharding.get_abstract_mesh().axis_names)
   if axes:
@@ -317,13 +329,13 @@ class CausalSelfAttention(nnx.Module):
                       std=residual_std(cfg))
 
   def __call__(self, x, key=None):
-    b, t, d = x.shape
-    h = self.cfg.n_head
-    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, t, 3, h, d // h), 2, 0)
-    if self.rope_base is not None:
-      q, k = rope(q, self.rope_base), rope(k, self.rope_base)
-    implementation = attention_implementation(self.cfg, t, current_platform(),
+    implementation = attention_implementation(self.cfg, x.shape[1], current_platform(),
                                               dropout=key is not None)
+    heads_first = implementation == "splash"  # the kernel's layout
+    q, k, v = self.project_qkv(x, heads_first)
+    if self.rope_base is not None:
+      seq_axis = 2 if heads_first else 1
+      q, k = rope(q, self.rope_base, seq_axis), rope(k, self.rope_base, seq_axis)
     if implementation == "splash":
       out = splash_attention(q, k, v)
     elif implementation == "cudnn":
@@ -333,7 +345,32 @@ class CausalSelfAttention(nnx.Module):
       out = xla_attention(q, k, v, self.cfg.dropout, weights_key)
     else:
       out = xla_attention(q, k, v)
-    return dropout(self.proj(out.reshape(b, t, d)), self.cfg.dropout, key)
+    return dropout(self.project_out(out, heads_first), self.cfg.dropout, key)
+
+  def project_qkv(self, x, heads_first: bool):
+    """q, k, v as (batch, seq, heads, head_dim), or (batch, heads, seq, head_dim) straight from
+    the matmul when ``heads_first``."""
+    b, t, d = x.shape
+    h = self.cfg.n_head
+    if not heads_first:
+      return jnp.moveaxis(self.qkv(x).reshape(b, t, 3, h, d // h), 2, 0)
+    dtype = self.cfg.dtype
+    qkv = jnp.einsum("btd,dshk->sbhtk", x.astype(dtype),
+                     self.qkv.kernel[...].astype(dtype).reshape(d, 3, h, d // h))
+    if self.qkv.bias is not None:
+      qkv += self.qkv.bias[...].astype(dtype).reshape(3, 1, h, 1, d // h)
+    return qkv
+
+  def project_out(self, out, heads_first: bool):
+    """The output projection of ``out`` in the layout :meth:`project_qkv` gave."""
+    if not heads_first:
+      b, t, h, k = out.shape
+      return self.proj(out.reshape(b, t, h * k))
+    _, h, _, k = out.shape
+    dtype = self.cfg.dtype
+    y = jnp.einsum("bhtk,hkd->btd", out.astype(dtype),
+                   self.proj.kernel[...].astype(dtype).reshape(h, k, -1))
+    return y if self.proj.bias is None else y + self.proj.bias[...].astype(dtype)
 
 
 class GeluMLP(nnx.Module):
@@ -360,16 +397,28 @@ class SwiGLU(nnx.Module):
     return dropout(self.proj(jax.nn.silu(self.gate(x)) * self.up(x)), self.dropout, key)
 
 
-def run_blocks(blocks, x, remat: str, key=None):
+def run_blocks(blocks, x, remat: str, key=None, scan: str = "none"):
   """x through every block, each output pinned to the batch sharding, rematerialised if asked;
-  ``key``: dropout on, one key per block."""
-  def apply(block, x, key):
-    return constrain_batch(block(x, key))
+  ``key``: dropout on, one key per block. ``scan`` "loop": the blocks' weights stacked and run by
+  one ``lax.scan``; "unrolled": the same scan unrolled (for counting compiles)."""
+  keys = None if key is None else jax.random.split(key, len(blocks))
+  if scan == "none":
+    def apply(block, x, key):
+      return constrain_batch(block(x, key))
+    if remat != "none":
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
+    for i, block in enumerate(blocks):
+      x = apply(block, x, None if keys is None else keys[i])
+    return x
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
+
+  def body(x, layer):
+    state, key = layer
+    return constrain_batch(nnx.merge(graphdef, state)(x, key)), None
   if remat != "none":
-    apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
-  keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
-  for block, block_key in zip(blocks, keys):
-    x = apply(block, x, block_key)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  x, _ = jax.lax.scan(body, x, (stacked, keys), unroll=scan == "unrolled")
   return x
 
 
@@ -489,7 +538,7 @@ class GPT2(DecoderLM):
     embed_key, blocks_key = split_dropout_key(dropout_key)
     x = embed_tokens(self.embed, tokens) + self.positions(jnp.arange(tokens.shape[1]))[None]
     x = constrain_batch(dropout(x.astype(self.cfg.dtype), self.cfg.dropout, embed_key))
-    x = run_blocks(self.blocks, x, self.cfg.remat, blocks_key)
+    x = run_blocks(self.blocks, x, self.cfg.remat, blocks_key, self.cfg.scan_layers)
     return self.ln_f(x), self.embed.embedding[...].T
 
 
@@ -525,7 +574,8 @@ class Llama(DecoderLM):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab)."""
     embed_key, blocks_key = split_dropout_key(dropout_key)
     x = dropout(embed_tokens(self.embed, tokens, self.cfg.dtype), self.cfg.dropout, embed_key)
-    x = run_blocks(self.blocks, constrain_batch(x), self.cfg.remat, blocks_key)
+    x = run_blocks(self.blocks, constrain_batch(x), self.cfg.remat, blocks_key,
+                   self.cfg.scan_layers)
     return self.norm(x), self.head.kernel[...]
 
 
