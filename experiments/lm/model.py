@@ -217,8 +217,8 @@ def rope(x, base, seq_axis: int = 1):
   seq, dim = x.shape[seq_axis], x.shape[-1]
   freqs = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None]
-  shape = [seq if axis == seq_axis % x.ndim else 1 for axis in range(x.ndim - 1)] + [dim // 2]
-  cos, sin = jnp.cos(angles).reshape(shape), jnp.sin(angles).reshape(shape)
+  others = [axis for axis in range(x.ndim - 1) if axis != seq_axis % x.ndim]
+  cos, sin = jnp.expand_dims(jnp.cos(angles), others), jnp.expand_dims(jnp.sin(angles), others)
   x1, x2 = x[..., :dim // 2].astype(jnp.float32), x[..., dim // 2:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
