@@ -167,10 +167,10 @@ def analyse(cfg: dict, topology: str, *, name: str = "", baseline: dict | None =
             **{k: baseline["collectives"][k] for k in COLLECTIVES}, "copy": baseline["copies"]}
   if microbatch_stats is None:
     # A loop's body would be counted once: a scan over the layers is unrolled for counting.
-    scan = "unrolled" if program.model_config.scan_layers == "loop" else None
+    scan = program.model_config.scan_layers
     micro_program = step_lib.build_train_step(
         {**cfg, "train.batch_size": program.micro_batch, "train.grad_accum": 1,
-         "model.scan_layers": scan or cfg["model.scan_layers"]}, devices)
+         "model.scan_layers": "unrolled" if scan == "loop" else scan}, devices)
     with jax.set_mesh(micro_program.mesh):
       micro = compile_stats(micro_program.step.lower(micro_program.abstract_state,
                                                      *micro_program.abstract_batch()),

@@ -401,16 +401,15 @@ def run_blocks(blocks, x, remat: str, key=None, scan: str = "none"):
   """x through every block, each output pinned to the batch sharding, rematerialised if asked;
   ``key``: dropout on, one key per block. ``scan`` "loop": the blocks' weights stacked and run by
   one ``lax.scan``; "unrolled": the same scan unrolled (for counting compiles)."""
+  keys = None if key is None else jax.random.split(key, len(blocks))
   if scan == "none":
     def apply(block, x, key):
       return constrain_batch(block(x, key))
     if remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
-    keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
-    for block, block_key in zip(blocks, keys):
+    for block, block_key in zip(blocks, [None] * len(blocks) if keys is None else list(keys)):
       x = apply(block, x, block_key)
     return x
-  keys = None if key is None else jax.random.split(key, len(blocks))
   graphdef = nnx.graphdef(blocks[0])
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
 
