@@ -191,7 +191,8 @@ def test_norm_outputs_rounded_before_the_matmul_change_no_loss_or_gradient(name,
     np.testing.assert_array_equal(a, b)
 
 
-def test_blocks_scanned_over_stacked_weights_give_the_loops_loss_and_gradients():
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])  # GPT-2 (biases, tied table), LLaMA
+def test_blocks_scanned_over_stacked_weights_give_the_loops_loss_and_gradients(preset):
   """model.scan_layers "loop" (one lax.scan over the blocks' stacked weights, which lets the
   compiler plan one block's memory for all) and "unrolled" (the same scan unrolled, for counting)
   compute the Python loop's loss and gradients, with block remat and dropout on (one key per block
@@ -201,7 +202,7 @@ def test_blocks_scanned_over_stacked_weights_give_the_loops_loss_and_gradients()
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
   results = {}
   for scan in ("none", "loop", "unrolled"):
-    cfg = dataclasses.replace(model_lib.PRESETS["tiny-llama"], remat="block", dropout=0.1,
+    cfg = dataclasses.replace(model_lib.PRESETS[preset], remat="block", dropout=0.1,
                               scan_layers=scan)
     graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
     loss = lambda p, g=graphdef: nnx.merge(g, p).loss(  # noqa: E731
