@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -32,6 +33,14 @@ def _fmt(value: Any) -> str:
   if isinstance(value, float):
     return f"{value:.4g}"
   return "" if value is None else str(value)
+
+
+def write_json(path: str, value: Any, *, indent: int | None = None):
+  """``value`` as JSON at ``path``, whole or not at all: written beside it, then renamed over it,
+  so a run killed mid-write leaves no partial file for a resume to trip on."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=indent)
+  os.replace(path + ".tmp", path)
 
 
 def _write_csv(path: str, rows: Sequence[dict]):

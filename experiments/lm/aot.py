@@ -266,9 +266,7 @@ def run_matrix(out_dir: str, configs, topologies, optimizers) -> list[dict]:
           cfg["train.batch_size"] = -(-cfg["train.batch_size"] // multiple) * multiple
           result = analyse(cfg, topology, name=name, baseline=baseline,
                            compile_step=(name, topology, optimizer) in MATRIX_COMPILED)
-          with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-          os.replace(path + ".tmp", path)  # a killed run leaves no partial cell
+          reporting.write_json(path, result, indent=1)
         if optimizer == "adamw":
           baseline = result
         results.append(result)

@@ -421,9 +421,7 @@ def _run_once(settings: dict, config: str, path: str) -> dict:
           "val_loss": summary["val_loss"], "tokens_per_s": summary["tokens_per_s"],
           "history": _thin(summary["history"])}
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(done, f)
-  os.replace(path + ".tmp", path)  # a run is on disk whole or not at all
+  reporting.write_json(path, done)
   return done
 
 

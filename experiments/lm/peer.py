@@ -56,9 +56,7 @@ def measure(out_dir: str) -> dict:
       if not os.path.exists(path):
         cfg = config_lib.build_config(preset, {**overrides, "model.attention": attention})
         result = aot.analyse(cfg, TOPOLOGY, name=preset)
-        with open(path + ".tmp", "w") as f:
-          json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)  # a killed run leaves no partial cell
+        reporting.write_json(path, result, indent=1)
       with open(path) as f:
         results[shape, attention] = json.load(f)
   return results
