@@ -200,7 +200,8 @@ def test_the_kernel_moves_fewer_bytes_per_chip_on_tpu():
              for attention in ("auto", "xla")}
   # Compiled when written: bytes 1.115e9 (splash) and 1.462e9 (XLA), temporaries 9.6 and 50 MB;
   # jax.nn.dot_product_attention in place of xla_attention: 1.685e9 bytes, 127 MB, and 16 f32
-  # (.., 1024, 1024) values outside fusions, which the last assertion finds.
+  # (.., 1024, 1024) values outside fusions, which the last assertion finds. Recompiled at
+  # 1871675 (the later step changes): 0.878e9 and 1.348e9 bytes, 0 and 48.4 MB.
   assert figures["auto"]["bytes"] < 0.8 * figures["xla"]["bytes"], figures
   assert figures["auto"]["temp_bytes"] < figures["xla"]["temp_bytes"], figures
   assert figures["xla"]["f32_scores"] == 0 and figures["auto"]["f32_scores"] == 0, figures
