@@ -183,6 +183,7 @@ def test_kernel_flops_are_counted_analytically():
   kernel = 12 * 6 * 384 * 512 * 1024 / 4  # 12 L d T per token, 1024 tokens over 4 chips
   assert flops() == kernel  # auto: splash on TPU
   assert flops(**{"model.remat": "block"}) == kernel  # the kernel's output is kept
+  assert flops(**{"model.remat": "offload"}) == kernel  # kept, in host memory
   assert flops(**{"model.remat": "full"}) == kernel * 16 / 12  # the forward kernel again
   assert flops(**{"model.remat": "dots_saveable"}) == kernel * 16 / 12
   assert flops(**{"model.attention": "xla"}) == 0.0
@@ -227,8 +228,14 @@ def test_peer_table_is_the_committed_compiles_beside_maxtexts_recorded_figures()
   cells = ROOT / "results" / "scale" / "peer"
   table = peer.rows(peer.measure(str(cells)))  # every cell committed: nothing is compiled
   assert sorted(p.name for p in cells.iterdir()) == sorted(
-      f"{preset}_{attention}.json" for preset, _ in peer.SHAPES.values()
-      for attention in peer.ATTENTION)
+      f"{preset}_{name}.json" for shape, (preset, _) in peer.SHAPES.items()
+      for name, _, _ in peer.cells(shape))
+  offloaded = [r for r in table if "remat=offload" in r["system"]]
+  assert len(offloaded) == 1  # LLaMA's: the same FLOPs as the kernel's row, less HBM
+  kernel = next(r for r in table if r["shape"] == offloaded[0]["shape"]
+                and r["system"] == "ours, attention=auto")
+  assert offloaded[0]["flops_per_chip"] == pytest.approx(kernel["flops_per_chip"], rel=1e-3)
+  assert offloaded[0]["hbm_normal_compile_gib"] < kernel["hbm_normal_compile_gib"] - 0.4
   for shape in peer.SHAPES:
     rows = {r["system"]: r for r in table if r["shape"] == shape}
     flash = rows["MaxText, Pallas splash attention"]

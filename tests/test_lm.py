@@ -221,6 +221,47 @@ def test_an_unknown_scan_setting_is_refused():
     step_lib.build_train_step(config_lib.build_config("tiny", {"model.scan_layers": "yes"}))
 
 
+@pytest.mark.parametrize("scan", ["none", "loop"])
+def test_offloaded_residuals_give_blocks_loss_and_gradients_from_host_memory(scan):
+  """remat "offload" is remat "block" with the kept values in pinned host memory: the same loss
+  and gradients bit for bit, and the differentiated program puts values in host memory only under
+  "offload" (scanned: each block's input, named BLOCK_INPUT; the XLA attention path of this CPU
+  run names no kernel residuals, so unscanned there is nothing to move). The jaxpr shows the
+  placement; CPU's lowering drops it (the TPU compile in results/scale/peer/ shows its effect)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
+  results, to_host = {}, {}
+  for remat in ("block", "offload"):
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny-llama"], remat=remat, scan_layers=scan)
+    graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+    grad = jax.value_and_grad(lambda p, g=graphdef: nnx.merge(g, p).loss(tokens, tokens))
+    results[remat] = jax.jit(grad)(params)
+    to_host[remat] = sum("<host>" in line and "device_put" in line
+                         for line in str(jax.make_jaxpr(grad)(params)).splitlines())
+  for a, b in zip(jax.tree.leaves(results["offload"]), jax.tree.leaves(results["block"])):
+    np.testing.assert_array_equal(a, b)
+  assert to_host["block"] == 0
+  assert (to_host["offload"] > 0) == (scan == "loop"), to_host
+
+
+def test_embedding_lookup_sharded_over_d_model_changes_nothing(corpus):
+  """model.lookup_sharding=d_model (8 CPU devices, pure FSDP; the table resharded over its columns
+  for the lookup) trains as the vocabulary-sharded lookup does; an unknown value is refused."""
+  def run(**overrides):
+    cfg = config_lib.build_config("tiny", {"data.path": corpus, "train.steps": 4,
+                                          "train.batch_size": 16, "mesh.fsdp": -1,
+                                          "log.progress": False, **overrides})
+    summary = train_lib.train(cfg)
+    return [r["loss"] for r in summary["history"]], summary["state"]["params"]
+  (vocab_losses, vocab_params), (d_losses, d_params) = run(), run(
+      **{"model.lookup_sharding": "d_model"})
+  np.testing.assert_allclose(d_losses, vocab_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(d_params), jax.tree.leaves(vocab_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  with pytest.raises(config_lib.ConfigError, match="lookup_sharding"):
+    step_lib.build_train_step(config_lib.build_config("tiny", {"model.lookup_sharding": "rows"}))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "ademamix"])
 def test_loss_falls_on_tiny_preset(corpus, optimizer):
   """ln(256) = 5.55 at init; 80 steps must bring the training loss down by at least 1.5 nats."""

@@ -120,12 +120,13 @@ def kernel_flops(mc: model_lib.ModelConfig, tokens: int, seq_len: int, chips: in
                  platform: str = "tpu") -> float:
   """Per-chip FLOPs of a training step's fused attention kernels on ``platform``, which the cost
   analysis does not see inside a Pallas or cuDNN call: 12 L d T per token (QK^T and PV, forward
-  and backward; remat "block" keeps the kernel's output, so it does not run again), 16 L d T
-  under remat "full" or "dots_saveable" (the forward kernel again). Zero for the XLA path (the
-  compiler counts it)."""
+  and backward; remat "block" and "offload" keep the kernel's output, so it does not run again),
+  16 L d T under remat "full" or "dots_saveable" (the forward kernel again). Zero for the XLA path
+  (the compiler counts it)."""
   if model_lib.attention_implementation(mc, seq_len, platform, dropout=True) == "xla":
     return 0.0
-  per_token = (12 if mc.remat in ("none", "block") else 16) * mc.n_layer * mc.d_model * seq_len
+  reruns = mc.remat not in ("none", *model_lib.REMAT_KEEPING_KERNELS)
+  per_token = (16 if reruns else 12) * mc.n_layer * mc.d_model * seq_len
   return per_token * tokens / chips
 
 

@@ -40,7 +40,8 @@ import numpy as np
 RESUMABLE_CHANGES = {
     "train.steps": "the learning-rate schedule follows the new length from here on",
     **dict.fromkeys(("mesh.fsdp", "train.grad_accum", "train.device_batch", "model.remat",
-                     "model.loss_chunk"), "the same mathematics; round-off may differ"),
+                     "model.loss_chunk", "model.lookup_sharding"),
+                    "the same mathematics; round-off may differ"),
     **dict.fromkeys(("train.stop_at", "eval.interval", "eval.tokens", "eval.train_batches",
                      "ckpt.interval", "ckpt.minutes", "ckpt.keep", "log.metrics", "log.overwrite",
                      "log.progress", "data.prefetch", "train.on_nan", "train.max_skips", "peak_flops",

@@ -28,13 +28,14 @@ class ConfigError(ValueError):
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "model.compute_dtype": "float32",
-    "model.remat": "none",  # "none", "block", "full" or "dots_saveable" (model.py)
+    "model.remat": "none",  # "none", "block", "offload", "full" or "dots_saveable" (model.py)
     "model.loss_chunk": None,  # sequence positions per fused output-layer+loss chunk; None: preset's
     "model.dropout": None,  # rate in training (None: the model preset's, 0 for all of them)
     "model.bias": None,  # GPT-2's biases (None: the model preset's; LLaMA has none)
     "model.n_layer": None,  # blocks (None: the model preset's)
     "model.attention": None,  # "auto", "xla", "splash" (TPU kernel), "cudnn"; None: auto
     "model.scan_layers": None,  # "none", "loop" (one lax.scan over stacked blocks), "unrolled"
+    "model.lookup_sharding": None,  # input embedding lookup: "vocab" or "d_model"; None: vocab
     "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
     "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
     "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH
@@ -246,7 +247,8 @@ def model_config(cfg) -> model_lib.ModelConfig:
   changes = {"compute_dtype": cfg["model.compute_dtype"], "remat": cfg["model.remat"]}
   if cfg["model.vocab_size"] is not None:
     changes["vocab_size"] = cfg["model.vocab_size"]
-  for key in ("loss_chunk", "dropout", "bias", "n_layer", "attention", "scan_layers"):
+  for key in ("loss_chunk", "dropout", "bias", "n_layer", "attention", "scan_layers",
+              "lookup_sharding"):
     if cfg[f"model.{key}"] is not None:
       changes[key] = cfg[f"model.{key}"]
   try:

@@ -16,8 +16,15 @@ Scale features, all numerically neutral:
 - activations are constrained to the batch sharding over the mesh axes ``("data", "fsdp")`` at
   every block boundary when such a mesh is active, so the compiler never replicates the batch;
 - ``remat``: "none", "block" (keep each block's input and, where a fused kernel runs, the
-  attention output and its softmax statistics), "full" (keep only each block's input) or
-  "dots_saveable" (keep matmul outputs, recompute the elementwise rest);
+  attention output and its softmax statistics), "offload" (what "block" keeps, moved to host
+  memory in the forward pass and back in the backward pass; with ``scan_layers`` "loop" or
+  "unrolled", each block's input too), "full" (keep only each block's input) or "dots_saveable"
+  (keep matmul outputs, recompute the elementwise rest);
+- ``lookup_sharding``: "vocab" (default: the input embedding is looked up in the table as its
+  parameter is sharded, over the vocabulary, which gathers the whole table and all-reduces its
+  whole gradient) or "d_model" (looked up in a compute-dtype copy sharded over d_model: each
+  device gathers its columns of every row asked for, and the gradient is summed per column
+  shard; two small all-to-alls instead);
 - ``attention``: "auto" (default) runs the fused kernel of the platform (TPU: Pallas splash
   attention, from 512 tokens; GPU: cuDNN flash attention, in half precision) and XLA elsewhere,
   where the T x T scores live in the compute dtype, never f32 (:func:`xla_attention`);
@@ -39,6 +46,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over
 # The name the splash kernel gives its residuals (its output and the softmax statistics), and the
@@ -58,9 +66,26 @@ def _cudnn_kernels(prim, *_, **__) -> bool:
 save_attention_kernels = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names(SPLASH_RESIDUALS), _cudnn_kernels)
 
+# Remat policy "offload": the values "block" keeps, and each scanned block's input (named
+# BLOCK_INPUT in run_blocks), moved to pinned host memory as the forward pass makes them and back
+# for the backward pass, so the device does not hold every layer's residuals at once. cuDNN's
+# residuals (not named) stay on the device.
+BLOCK_INPUT = "block_input"
+_offload_named = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=[SPLASH_RESIDUALS, BLOCK_INPUT],
+    offload_src="device", offload_dst="pinned_host")
+
+
+def offload_attention_kernels(prim, *args, **params):
+  return True if _cudnn_kernels(prim) else _offload_named(prim, *args, **params)
+
+
 REMAT_POLICIES = {"none": None, "block": save_attention_kernels,
+                  "offload": offload_attention_kernels,
                   "full": jax.checkpoint_policies.nothing_saveable,
                   "dots_saveable": jax.checkpoint_policies.dots_saveable}
+REMAT_KEEPING_KERNELS = ("block", "offload")  # the policies that keep the kernels' residuals
+LOOKUP_SHARDING = ("vocab", "d_model")
 VOCAB_MULTIPLE = 128
 ATTENTION = ("auto", "xla", "splash", "cudnn")
 SCAN_LAYERS = ("none", "loop", "unrolled")
@@ -89,6 +114,7 @@ class ModelConfig:
   dropout: float = 0.0  # rate in [0, 1), in training only
   attention: str = "auto"  # "auto", "xla", "splash" (Pallas TPU kernel), "cudnn" (GPU kernel)
   scan_layers: str = "none"  # "none", "loop" or "unrolled" (see run_blocks)
+  lookup_sharding: str = "vocab"  # the input embedding's lookup: "vocab" or "d_model" (above)
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
@@ -116,6 +142,9 @@ class ModelConfig:
     if self.scan_layers not in SCAN_LAYERS:
       raise ValueError(f"model scan_layers must be one of {', '.join(SCAN_LAYERS)}, got "
                        f"{self.scan_layers!r}")
+    if self.lookup_sharding not in LOOKUP_SHARDING:
+      raise ValueError(f"model lookup_sharding must be one of {', '.join(LOOKUP_SHARDING)}, "
+                       f"got {self.lookup_sharding!r}")
     if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
       raise ValueError(f"model loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")
     try:
@@ -178,14 +207,18 @@ def constrain_fsdp(x, dim: int):
                                                        for i in range(x.ndim)])))
 
 
-def embed_tokens(embed: nnx.Embed, tokens, dtype=None):
+def embed_tokens(embed: nnx.Embed, tokens, dtype=None, sharding: str = "vocab"):
   """The rows of ``embed``'s (vocabulary, d) table for ``tokens``, cast to ``dtype`` first if
   given: the lookup then gathers half-precision rows and the table's gradient is summed in that
   dtype, as every other weight's is (LLaMA; before, LLaMA-1B's step all-reduced a whole float32
   table, 262 MB per chip). The table is pinned to its rows' FSDP sharding (its parameter
-  sharding), so that the gradient is asked for in that sharding."""
+  sharding), so that the gradient is asked for in that sharding; ``sharding`` "d_model": the
+  (cast) table is then resharded over its columns for the lookup (see ``lookup_sharding``)."""
   table = constrain_fsdp(embed.embedding[...], 0)
-  return jnp.take(table if dtype is None else table.astype(dtype), tokens, axis=0)
+  table = table if dtype is None else table.astype(dtype)
+  if sharding == "d_model":
+    table = constrain_fsdp(table, 1)
+  return jnp.take(table, tokens, axis=0)
 
 
 def normed(norm, x):
@@ -400,7 +433,9 @@ class SwiGLU(nnx.Module):
 def run_blocks(blocks, x, remat: str, key=None, scan: str = "none"):
   """x through every block, each output pinned to the batch sharding, rematerialised if asked;
   ``key``: dropout on, one key per block. ``scan`` "loop": the blocks' weights stacked and run by
-  one ``lax.scan``; "unrolled": the same scan unrolled (for counting compiles)."""
+  one ``lax.scan``; "unrolled": the same scan unrolled (for counting compiles). Scanned under
+  remat "offload", each block's input is named ``BLOCK_INPUT`` so that the policy offloads it (the
+  scan would otherwise stack every layer's input on the device)."""
   keys = None if key is None else jax.random.split(key, len(blocks))
   if scan == "none":
     def apply(block, x, key):
@@ -415,6 +450,8 @@ def run_blocks(blocks, x, remat: str, key=None, scan: str = "none"):
 
   def body(x, layer):
     state, key = layer
+    if remat == "offload":
+      x = checkpoint_name(x, BLOCK_INPUT)
     return constrain_batch(nnx.merge(graphdef, state)(x, key)), None
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
@@ -536,7 +573,8 @@ class GPT2(DecoderLM):
   def features(self, tokens, dropout_key=None):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab), tied to the embedding."""
     embed_key, blocks_key = split_dropout_key(dropout_key)
-    x = embed_tokens(self.embed, tokens) + self.positions(jnp.arange(tokens.shape[1]))[None]
+    x = (embed_tokens(self.embed, tokens, sharding=self.cfg.lookup_sharding)
+         + self.positions(jnp.arange(tokens.shape[1]))[None])
     x = constrain_batch(dropout(x.astype(self.cfg.dtype), self.cfg.dropout, embed_key))
     x = run_blocks(self.blocks, x, self.cfg.remat, blocks_key, self.cfg.scan_layers)
     return self.ln_f(x), self.embed.embedding[...].T
@@ -573,7 +611,8 @@ class Llama(DecoderLM):
   def features(self, tokens, dropout_key=None):
     """Final hidden states (batch, seq, d) and the output layer (d, vocab)."""
     embed_key, blocks_key = split_dropout_key(dropout_key)
-    x = dropout(embed_tokens(self.embed, tokens, self.cfg.dtype), self.cfg.dropout, embed_key)
+    x = dropout(embed_tokens(self.embed, tokens, self.cfg.dtype, self.cfg.lookup_sharding),
+                self.cfg.dropout, embed_key)
     x = run_blocks(self.blocks, constrain_batch(x), self.cfg.remat, blocks_key,
                    self.cfg.scan_layers)
     return self.norm(x), self.head.kernel[...]

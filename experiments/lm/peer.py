@@ -5,9 +5,10 @@
 Two shapes, as MaxText was configured for them (issue 25): GPT-2 124M at 64 x 1024 tokens without
 remat, and LLaMA 1.1B (TinyLlama's shape) at 16 x 2048 with block remat; no gradient
 accumulation, AdamW, pure FSDP over 16 chips. Ours is compiled by :func:`experiments.lm.aot.analyse`
-for each attention path: FLOPs and bytes accessed from the compile with the collective-matmul loops
-unrolled (so the cost analysis counts every matmul), plus the attention kernels' FLOPs counted
-analytically; HBM from that compile and from the normal one. MaxText's figures are the ones
+for each attention path, and for LLaMA once more with the memory settings of MEMORY_SETTINGS:
+FLOPs and bytes accessed from the compile with the collective-matmul loops unrolled (so the cost
+analysis counts every matmul), plus the attention kernels' FLOPs counted analytically; HBM from
+that compile and from the normal one. MaxText's figures are the ones
 recorded in issue 25 (not recompiled here: MaxText is not a dependency).
 """
 from __future__ import annotations
@@ -30,6 +31,13 @@ SHAPES = {  # name: (preset, overrides)
         "train.batch_size": 16, "train.grad_accum": 1, "model.remat": "block"}),
 }
 ATTENTION = ("auto", "xla")  # auto: the splash kernel on TPU
+# Memory settings compiled as one more cell of a shape, with the kernel: (cell name, overrides).
+# LLaMA: remat's residuals in host memory and the embedding looked up over d_model (docs/guide.md
+# section 4): the device's HBM falls by 0.48 GiB for 0.2e9 more bytes (docs/performance.md §3).
+MEMORY_SETTINGS = {
+    "LLaMA 1.1B, 16 x 2048, remat": [
+        ("offload", {"model.remat": "offload", "model.lookup_sharding": "d_model"})],
+}
 MAXTEXT_FLASH = "MaxText, Pallas splash attention"  # the row bytes are compared with
 # As recorded in issue 25: (system, FLOPs per chip, bytes accessed per chip, HBM GiB); MaxText's
 # FLOPs exclude its splash kernel's. "ours, before" is this repository before issue 25
@@ -46,19 +54,30 @@ RECORDED = {
 }
 
 
+def cells(shape: str) -> list[tuple[str, str, dict]]:
+  """(cell name, system label, overrides) of every cell compiled for ``shape``: each attention
+  path, then the kernel with each of the shape's MEMORY_SETTINGS."""
+  out = [(a, f"ours, attention={a}", {"model.attention": a}) for a in ATTENTION]
+  for name, overrides in MEMORY_SETTINGS.get(shape, []):
+    label = ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in overrides.items())
+    out.append((f"auto_{name}", f"ours, attention=auto, {label}",
+                {"model.attention": "auto", **overrides}))
+  return out
+
+
 def measure(out_dir: str) -> dict:
-  """``analyse`` of every (shape, attention), one JSON per cell in ``out_dir`` (a rerun resumes)."""
+  """``analyse`` of every (shape, cell), one JSON per cell in ``out_dir`` (a rerun resumes)."""
   os.makedirs(out_dir, exist_ok=True)
   results = {}
   for shape, (preset, overrides) in SHAPES.items():
-    for attention in ATTENTION:
-      path = os.path.join(out_dir, f"{preset}_{attention}.json")
+    for name, _, cell_overrides in cells(shape):
+      path = os.path.join(out_dir, f"{preset}_{name}.json")
       if not os.path.exists(path):
-        cfg = config_lib.build_config(preset, {**overrides, "model.attention": attention})
+        cfg = config_lib.build_config(preset, {**overrides, **cell_overrides})
         result = aot.analyse(cfg, TOPOLOGY, name=preset)
         reporting.write_json(path, result, indent=1)
       with open(path) as f:
-        results[shape, attention] = json.load(f)
+        results[shape, name] = json.load(f)
   return results
 
 
@@ -66,11 +85,11 @@ def rows(results: dict) -> list[dict]:
   out = []
   for shape in SHAPES:
     flash_bytes = next(moved for system, _, moved, _ in RECORDED[shape] if system == MAXTEXT_FLASH)
-    for attention in ATTENTION:
-      r = results[shape, attention]
+    for name, system, _ in cells(shape):
+      r = results[shape, name]
       micro = r["fwd_bwd"]
       moved = micro["bytes"] + r["optimizer_bytes_per_chip"]
-      out.append({"shape": shape, "system": f"ours, attention={attention}",
+      out.append({"shape": shape, "system": system,
                   "flops_per_chip": r["micro_flops_per_chip"],
                   "kernel_flops_per_chip": micro["kernel_flops"],
                   "bytes_per_chip": moved, "bytes_vs_maxtext_flash": moved / flash_bytes,
@@ -99,6 +118,9 @@ def main(argv=None):
       "Pallas kernel's, counted analytically: 12 L d T per token); bytes and HBM from the compile "
       "with collective-matmul loops unrolled (as MaxText's were counted), "
       "hbm_normal_compile_gib from the normal compile",
+      "remat=offload: the remat residuals in pinned host memory, which neither HBM column "
+      "counts (0.56e9 bytes per chip of host temporaries in LLaMA's normal compile); "
+      "lookup_sharding=d_model: the input embedding looked up over d_model (docs/guide.md)",
       "MaxText and 'ours, before': the figures recorded in issue 25 (MaxText from PyPI "
       "`maxtext` configured to the same shapes and slice; its FLOPs exclude its splash kernel's; "
       "the issue records neither MaxText's version nor which compile its HBM column is "
