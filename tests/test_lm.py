@@ -244,6 +244,27 @@ def test_offloaded_residuals_give_blocks_loss_and_gradients_from_host_memory(sca
   assert (to_host["offload"] > 0) == (scan == "loop"), to_host
 
 
+def test_serial_loss_chunks_change_nothing_but_the_order():
+  """model.serial_loss_chunks: an optimization barrier between the loss's chunks (so that the
+  compiler cannot overlap them) and the same loss and gradients."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
+  results, barriers = {}, {}
+  for serial in (False, True):
+    cfg = dataclasses.replace(model_lib.PRESETS["tiny-llama"], loss_chunk=16,
+                              serial_loss_chunks=serial)
+    graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+    grad = jax.value_and_grad(lambda p, g=graphdef: nnx.merge(g, p).loss(tokens, tokens))
+    results[serial] = jax.jit(grad)(params)
+    barriers[serial] = str(jax.make_jaxpr(grad)(params)).count("optimization_barrier")
+  assert barriers == {False: 0, True: 3}  # between 4 chunks of 16
+  np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(config_lib.ConfigError, match="serial_loss_chunks"):
+    config_lib.model_config(config_lib.build_config("tiny", {"model.serial_loss_chunks": "yes"}))
+
+
 def test_embedding_lookup_sharded_over_d_model_changes_nothing(corpus):
   """model.lookup_sharding=d_model (8 CPU devices, pure FSDP; the table resharded over its columns
   for the lookup) trains as the vocabulary-sharded lookup does; an unknown value is refused."""

@@ -40,7 +40,7 @@ import numpy as np
 RESUMABLE_CHANGES = {
     "train.steps": "the learning-rate schedule follows the new length from here on",
     **dict.fromkeys(("mesh.fsdp", "train.grad_accum", "train.device_batch", "model.remat",
-                     "model.loss_chunk", "model.lookup_sharding"),
+                     "model.loss_chunk", "model.lookup_sharding", "model.serial_loss_chunks"),
                     "the same mathematics; round-off may differ"),
     **dict.fromkeys(("train.stop_at", "eval.interval", "eval.tokens", "eval.train_batches",
                      "ckpt.interval", "ckpt.minutes", "ckpt.keep", "log.metrics", "log.overwrite",

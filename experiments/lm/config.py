@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "model.attention": None,  # "auto", "xla", "splash" (TPU kernel), "cudnn"; None: auto
     "model.scan_layers": None,  # "none", "loop" (one lax.scan over stacked blocks), "unrolled"
     "model.lookup_sharding": None,  # input embedding lookup: "vocab" or "d_model"; None: vocab
+    "model.serial_loss_chunks": None,  # the loss chunks one after another (true); None: false
     "model.vocab_size": None,  # None: the data's (training), the preset's (AOT, benchmarks)
     "data.path": None,  # text file/folder, prepared shards, nanoGPT or llm.c; None: Shakespeare
     "data.tokenizer": "bytes",  # for text corpora: bytes, gpt2[:DIR], hf:PATH, sp:PATH
@@ -248,7 +249,7 @@ def model_config(cfg) -> model_lib.ModelConfig:
   if cfg["model.vocab_size"] is not None:
     changes["vocab_size"] = cfg["model.vocab_size"]
   for key in ("loss_chunk", "dropout", "bias", "n_layer", "attention", "scan_layers",
-              "lookup_sharding"):
+              "lookup_sharding", "serial_loss_chunks"):
     if cfg[f"model.{key}"] is not None:
       changes[key] = cfg[f"model.{key}"]
   try:

@@ -34,7 +34,9 @@ Scale features, all numerically neutral:
   analysis counts, since it counts a loop body once);
 - :func:`softmax_cross_entropy` fuses the output layer with the loss and forms the logits'
   gradient in the forward pass, ``loss_chunk`` sequence positions at a time, so the f32 logits
-  of a whole microbatch are never alive at once (and nothing is recomputed).
+  of a whole microbatch are never alive at once (and nothing is recomputed);
+  ``serial_loss_chunks``: an optimization barrier between the chunks, so that the compiler cannot
+  overlap them either (fewer chunks' logits alive at once).
 
 Parameters are float32; ``compute_dtype="bfloat16"`` runs the matmuls in bf16.
 """
@@ -115,6 +117,7 @@ class ModelConfig:
   attention: str = "auto"  # "auto", "xla", "splash" (Pallas TPU kernel), "cudnn" (GPU kernel)
   scan_layers: str = "none"  # "none", "loop" or "unrolled" (see run_blocks)
   lookup_sharding: str = "vocab"  # the input embedding's lookup: "vocab" or "d_model" (above)
+  serial_loss_chunks: bool = False  # the loss chunks one after another (above)
 
   def __post_init__(self):
     if self.arch not in ("gpt2", "llama"):
@@ -145,6 +148,9 @@ class ModelConfig:
     if self.lookup_sharding not in LOOKUP_SHARDING:
       raise ValueError(f"model lookup_sharding must be one of {', '.join(LOOKUP_SHARDING)}, "
                        f"got {self.lookup_sharding!r}")
+    if not isinstance(self.serial_loss_chunks, bool):
+      raise ValueError(f"model serial_loss_chunks must be true or false, got "
+                       f"{self.serial_loss_chunks!r}")
     if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
       raise ValueError(f"model loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")
     try:
@@ -464,8 +470,8 @@ def split_dropout_key(key):
   return (None, None) if key is None else tuple(jax.random.split(key))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def softmax_cross_entropy(h, w, targets, scale, n_valid: int, chunk: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def softmax_cross_entropy(h, w, targets, scale, n_valid: int, chunk: int, serial: bool = False):
   """Cross-entropy of the logits ``h @ w`` (f32) over the first ``n_valid`` classes.
 
   h: (batch, seq, d) hidden states; w: (d, vocab) output layer; targets: (batch, seq) ints.
@@ -474,12 +480,13 @@ def softmax_cross_entropy(h, w, targets, scale, n_valid: int, chunk: int):
   of its whole batch, so that microbatches add up to the per-token mean).
   Computed ``chunk`` positions of the sequence at a time (0: all at once); the gradients with
   respect to h and w are formed in the same pass (softmax - one-hot), so no chunk's logits are
-  kept for the backward pass and nothing is recomputed.
+  kept for the backward pass and nothing is recomputed. ``serial``: each chunk starts after the
+  previous one is done (an optimization barrier), so the compiler cannot overlap two chunks.
   """
-  return _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk)[0]
+  return _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk, serial)[0]
 
 
-def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
+def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk, serial=False):
   b, t, _ = h.shape
   chunk = chunk or t
   w_c = w.astype(h.dtype)
@@ -487,6 +494,8 @@ def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
   total, grad_h = jnp.zeros([], jnp.float32), []
   grad_w = constrain_fsdp(jnp.zeros(w.shape, jnp.float32), 1)
   for start in range(0, t, chunk):
+    if serial and start:
+      total, grad_w, h = jax.lax.optimization_barrier((total, grad_w, h))
     h_c, y_c = h[:, start:start + chunk], targets[:, start:start + chunk]
     logits = jnp.einsum("btd,dv->btv", h_c, w_c, preferred_element_type=jnp.float32)
     if n_valid < w.shape[1]:  # padded vocabulary: padded classes take no probability
@@ -509,8 +518,8 @@ def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk):
   return total, (grad_h, grad_w.astype(w.dtype), scale)
 
 
-def _cross_entropy_bwd(n_valid, chunk, residuals, g):
-  del n_valid, chunk
+def _cross_entropy_bwd(n_valid, chunk, serial, residuals, g):
+  del n_valid, chunk, serial
   grad_h, grad_w, scale = residuals
   grad_scale = None if scale is None else jnp.zeros_like(scale)
   return ((g * grad_h).astype(grad_h.dtype), (g * grad_w).astype(grad_w.dtype), None, grad_scale)
@@ -535,7 +544,8 @@ class DecoderLM(nnx.Module):
     (``scale=None``), or ``scale`` x the sum over targets >= 0 (padded batches). With a
     ``dropout_key`` (training), dropout at the model's rate."""
     h, w = self.features(tokens, dropout_key)
-    return softmax_cross_entropy(h, w, targets, scale, self.cfg.vocab_size, self.cfg.loss_chunk)
+    return softmax_cross_entropy(h, w, targets, scale, self.cfg.vocab_size, self.cfg.loss_chunk,
+                                 self.cfg.serial_loss_chunks)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,11 +32,13 @@ SHAPES = {  # name: (preset, overrides)
 }
 ATTENTION = ("auto", "xla")  # auto: the splash kernel on TPU
 # Memory settings compiled as one more cell of a shape, with the kernel: (cell name, overrides).
-# LLaMA: remat's residuals in host memory and the embedding looked up over d_model (docs/guide.md
-# section 4): the device's HBM falls by 0.48 GiB for 0.2e9 more bytes (docs/performance.md §3).
+# LLaMA: remat's residuals in host memory, the embedding looked up over d_model and the loss's
+# chunks one after another (docs/guide.md section 4): the device's HBM falls by 0.54 GiB for 0.2e9
+# more bytes (docs/performance.md section 3).
 MEMORY_SETTINGS = {
     "LLaMA 1.1B, 16 x 2048, remat": [
-        ("offload", {"model.remat": "offload", "model.lookup_sharding": "d_model"})],
+        ("offload", {"model.remat": "offload", "model.lookup_sharding": "d_model",
+                     "model.serial_loss_chunks": True})],
 }
 MAXTEXT_FLASH = "MaxText, Pallas splash attention"  # the row bytes are compared with
 # As recorded in issue 25: (system, FLOPs per chip, bytes accessed per chip, HBM GiB); MaxText's
@@ -120,7 +122,8 @@ def main(argv=None):
       "hbm_normal_compile_gib from the normal compile",
       "remat=offload: the remat residuals in pinned host memory, which neither HBM column "
       "counts (0.56e9 bytes per chip of host temporaries in LLaMA's normal compile); "
-      "lookup_sharding=d_model: the input embedding looked up over d_model (docs/guide.md)",
+      "lookup_sharding=d_model: the input embedding looked up over d_model; "
+      "serial_loss_chunks=True: the loss's chunks one after another (docs/guide.md)",
       "MaxText and 'ours, before': the figures recorded in issue 25 (MaxText from PyPI "
       "`maxtext` configured to the same shapes and slice; its FLOPs exclude its splash kernel's; "
       "the issue records neither MaxText's version nor which compile its HBM column is "
