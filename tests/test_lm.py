@@ -191,6 +191,16 @@ def test_norm_outputs_rounded_before_the_matmul_change_no_loss_or_gradient(name,
     np.testing.assert_array_equal(a, b)
 
 
+def _loss_and_grad(cfg, dropout_key=None):
+  """``cfg``'s model (seed 0) on 4 x 64 random tokens (seed 0), predicting its own input: the
+  loss's value_and_grad over the parameters, and the parameters."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
+  graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+  return jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(
+      tokens, tokens, dropout_key=dropout_key)), params
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])  # GPT-2 (biases, tied table), LLaMA
 def test_blocks_scanned_over_stacked_weights_give_the_loops_loss_and_gradients(preset):
   """model.scan_layers "loop" (one lax.scan over the blocks' stacked weights, which lets the
@@ -199,15 +209,12 @@ def test_blocks_scanned_over_stacked_weights_give_the_loops_loss_and_gradients(p
   in both), to float32 round-off (the compiler fuses a loop body differently; in bf16 the loss
   moved by 4e-7). The parameters keep their per-block layout: checkpoints are unchanged."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
   results = {}
   for scan in ("none", "loop", "unrolled"):
     cfg = dataclasses.replace(model_lib.PRESETS[preset], remat="block", dropout=0.1,
                               scan_layers=scan)
-    graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
-    loss = lambda p, g=graphdef: nnx.merge(g, p).loss(  # noqa: E731
-        tokens, tokens, dropout_key=jax.random.key(1))
-    results[scan] = jax.jit(jax.value_and_grad(loss))(params)
+    grad, params = _loss_and_grad(cfg, dropout_key=jax.random.key(1))
+    results[scan] = jax.jit(grad)(params)
     assert len(nnx.to_pure_dict(params)["blocks"]) == cfg.n_layer
   assert jax.tree.structure(results["none"]) == jax.tree.structure(results["loop"])
   for scan in ("loop", "unrolled"):
@@ -228,13 +235,10 @@ def test_offloaded_residuals_give_blocks_loss_and_gradients_from_host_memory(sca
   "offload" (scanned: each block's input, named BLOCK_INPUT; the XLA attention path of this CPU
   run names no kernel residuals, so unscanned there is nothing to move). The jaxpr shows the
   placement; CPU's lowering drops it (the TPU compile in results/scale/peer/ shows its effect)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
   results, to_host = {}, {}
   for remat in ("block", "offload"):
-    cfg = dataclasses.replace(model_lib.PRESETS["tiny-llama"], remat=remat, scan_layers=scan)
-    graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
-    grad = jax.value_and_grad(lambda p, g=graphdef: nnx.merge(g, p).loss(tokens, tokens))
+    grad, params = _loss_and_grad(dataclasses.replace(model_lib.PRESETS["tiny-llama"],
+                                                      remat=remat, scan_layers=scan))
     results[remat] = jax.jit(grad)(params)
     to_host[remat] = sum("<host>" in line and "device_put" in line
                          for line in str(jax.make_jaxpr(grad)(params)).splitlines())
@@ -247,14 +251,10 @@ def test_offloaded_residuals_give_blocks_loss_and_gradients_from_host_memory(sca
 def test_serial_loss_chunks_change_nothing_but_the_order():
   """model.serial_loss_chunks: an optimization barrier between the loss's chunks (so that the
   compiler cannot overlap them) and the same loss and gradients."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 64)), jnp.int32)
   results, barriers = {}, {}
   for serial in (False, True):
-    cfg = dataclasses.replace(model_lib.PRESETS["tiny-llama"], loss_chunk=16,
-                              serial_loss_chunks=serial)
-    graphdef, params = nnx.split(model_lib.LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
-    grad = jax.value_and_grad(lambda p, g=graphdef: nnx.merge(g, p).loss(tokens, tokens))
+    grad, params = _loss_and_grad(dataclasses.replace(model_lib.PRESETS["tiny-llama"],
+                                                      loss_chunk=16, serial_loss_chunks=serial))
     results[serial] = jax.jit(grad)(params)
     barriers[serial] = str(jax.make_jaxpr(grad)(params)).count("optimization_barrier")
   assert barriers == {False: 0, True: 3}  # between 4 chunks of 16

@@ -486,7 +486,7 @@ def softmax_cross_entropy(h, w, targets, scale, n_valid: int, chunk: int, serial
   return _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk, serial)[0]
 
 
-def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk, serial=False):
+def _cross_entropy_fwd(h, w, targets, scale, n_valid, chunk, serial):
   b, t, _ = h.shape
   chunk = chunk or t
   w_c = w.astype(h.dtype)
